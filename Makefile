@@ -1,0 +1,48 @@
+# `make demo` and `make test` are the README's two commands: each installs what it needs first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install system-deps demo test test-fast lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[worker,ops,dev]"
+	touch $@
+
+# Debian packages for the browser test (chromium, chromium-driver, fonts) and for validating
+# docker-compose.yml (docker-compose: no engine needed). A no-op when present; without root
+# or apt-get the tests that need them skip, saying why.
+SYSTEM_PACKAGES := chromium chromium-driver fonts-liberation docker-compose
+system-deps:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null && command -v docker-compose >/dev/null; then \
+		echo "system packages present"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES); \
+	else \
+		echo "system-deps: need root and apt-get for $(SYSTEM_PACKAGES); their tests will skip"; \
+	fi
+
+demo: install
+	$(BIN)/lethe demo
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: system-deps lint
+	$(BIN)/pytest
+
+test-fast: install
+	$(BIN)/pytest -m "not slow"
+
+bench: install
+	$(BIN)/python -m bench.run_all
+
+clean:
+	rm -rf $(VENV) lethe-data .pytest_cache .mypy_cache .ruff_cache

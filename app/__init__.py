@@ -1,0 +1,1 @@
+"""Lethe's HTTP service and ledger. Nothing in this package imports torch."""

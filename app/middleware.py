@@ -1,0 +1,60 @@
+"""Gives every HTTP request an ID: bound into the structlog context, echoed as X-Request-ID, and
+logged once with the outcome, so one call's log lines (and the jobs it queues) can be found."""
+
+import re
+import time
+import uuid
+
+import structlog
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+REQUEST_ID_HEADER = "X-Request-ID"
+# A caller's ID is kept only when it is short and plain: it ends up in every log line.
+_ACCEPTABLE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# Polled every few seconds by probes and Prometheus: logged at debug level only.
+PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+log = structlog.get_logger("lethe.http")
+
+
+def request_id_of(scope: Scope) -> str:
+    """The caller's X-Request-ID if it is acceptable, else a new one."""
+    offered = Headers(scope=scope).get(REQUEST_ID_HEADER)
+    if offered and _ACCEPTABLE_ID.match(offered):
+        return offered
+    return uuid.uuid4().hex
+
+
+class RequestIdMiddleware:
+    """Pure ASGI (no BaseHTTPMiddleware), so the bound context reaches the route's thread."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = request_id_of(scope)
+        status = 500  # what the client gets if the app fails before it answers
+        started = time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
+            await send(message)
+
+        with structlog.contextvars.bound_contextvars(request_id=request_id):
+            try:
+                await self.app(scope, receive, send_with_id)
+            finally:
+                emit = log.debug if scope["path"] in PROBE_PATHS else log.info
+                emit(
+                    "http.request",
+                    method=scope["method"],
+                    path=scope["path"],
+                    status=status,
+                    duration_ms=round((time.perf_counter() - started) * 1000, 1),
+                )

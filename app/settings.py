@@ -1,0 +1,94 @@
+"""One settings object for the whole service, read from the environment (prefix ``LETHE_``)."""
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="LETHE_", env_file=".env", env_ignore_empty=True, extra="ignore"
+    )
+
+    # Embedded mode keeps everything under one folder; operators point these elsewhere.
+    home: Path = Field(default=Path("lethe-data"), description="Folder for embedded-mode state")
+    database_url: str = Field(
+        default="", description="SQLAlchemy URL; empty means a SQLite file under `home`"
+    )
+    broker_url: str = Field(
+        default="", description="Celery broker URL; empty means an in-process worker"
+    )
+    store_url: str = Field(
+        default="", description="fsspec URL of the artifact store; empty means `home`/store"
+    )
+
+    bootstrap_api_key: SecretStr | None = Field(
+        default=None,
+        description="Demo/bootstrap key with every scope, registered (hashed) at start-up",
+    )
+    api_key_cache_seconds: float = Field(
+        default=5.0, description="How long a verified key is trusted before it is looked up again"
+    )
+
+    deletion_deadline_days: int = Field(default=30, description="GDPR Art. 12(3): one month")
+    idempotency_key_ttl_hours: int = Field(
+        default=24, description="How long an Idempotency-Key answer is replayed"
+    )
+    idempotency_stale_seconds: int = Field(
+        default=60, description="An in-flight idempotency key older than this may be taken over"
+    )
+    page_size_max: int = Field(default=200, description="Largest page a list call returns")
+    db_connect_timeout_seconds: int = Field(
+        default=3, description="Give up on the database after this; the API answers 503"
+    )
+    db_pool_size: int = Field(
+        default=10, description="Connections per process (and as many again on overflow)"
+    )
+    retry_after_seconds: int = Field(default=5, description="Retry-After sent with 503")
+
+    # Job machinery (issue 5). Celery's hard time limit must stay below the broker's visibility
+    # timeout, or Redis hands a still-running task to a second worker.
+    gpu_queue: str = Field(default="lethe.gpu", description="Celery queue the GPU workers consume")
+    broker_key_prefix: str = Field(
+        default="", description="Prefix for every broker key in Redis (isolates deployments)"
+    )
+    worker_concurrency: int = Field(default=1, description="Pool processes: one per GPU")
+    worker_max_tasks_per_child: int = Field(
+        default=8,
+        description="Recycle a pool process after this many tasks (frees its CUDA context)",
+    )
+    task_time_limit_seconds: int = Field(default=6 * 3600, description="Hard limit per job attempt")
+    visibility_timeout_seconds: int = Field(
+        default=7 * 3600, description="Redis redelivers an unacknowledged task after this"
+    )
+    job_max_attempts: int = Field(default=3, description="Attempts before a job is dead")
+    lease_seconds: float = Field(
+        default=120.0, description="A running job whose lease is older is presumed lost"
+    )
+    heartbeat_seconds: float = Field(default=20.0, description="How often a running job renews")
+    coalesce_window_seconds: float = Field(
+        default=60.0, description="Pending requests wait this long to be batched into one job"
+    )
+    coalesce_max_requests: int = Field(default=500, description="Most requests in one job")
+    requeue_after_seconds: float = Field(
+        default=300.0, description="A job still queued after this is sent to the broker again"
+    )
+    scheduler_interval_seconds: float = Field(default=5.0, description="Scheduler tick")
+    allow_test_faults: bool = Field(
+        default=False, description="Honour `test_fault` in job params (failure tests only)"
+    )
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.home / 'ledger.sqlite3').resolve()}"
+
+    @property
+    def resolved_store_url(self) -> str:
+        return self.store_url or str((self.home / "store").resolve())
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

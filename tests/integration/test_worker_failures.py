@@ -1,0 +1,231 @@
+"""Jobs survive what production does to them: a worker killed with SIGKILL, a pool process that
+dies, a job that always crashes, Redis restarted under load, and a burst of requests.
+
+Real PostgreSQL, real Redis and real ``celery worker`` / ``lethe scheduler`` processes. Slow or
+crashing jobs come from the real training handler or from ``test_fault`` params, which only
+processes started with ``LETHE_ALLOW_TEST_FAULTS=1`` honour.
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+import redis
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from app.dispatch import enqueue_job
+from app.ledger.db import session_scope
+from app.ledger.jobs import coalesce_pending_requests, create_job, get_job, requests_of_job
+from app.ledger.requests import file_requests, list_requests
+from app.ledger.samples import SampleRecord, register_samples
+from app.ledger.tables import (
+    DeletionRequest,
+    JobKind,
+    JobState,
+    ModelVersion,
+    RequestState,
+    Split,
+    TrainingRun,
+)
+from tests.integration.conftest import Stack, pool_processes, wait_for
+from tests.integration.servers import Server, free_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.postgres]
+
+FINISHED = (JobState.succeeded, JobState.failed, JobState.dead)
+
+
+def new_job(stack: Stack, kind: JobKind = JobKind.train, **params: Any) -> int:
+    with session_scope(stack.engine) as session:
+        job_id = create_job(session, kind, actor="test", params=params, max_attempts=3).id
+    enqueue_job(job_id, stack.settings)  # after commit, as the API does
+    return job_id
+
+
+def job_state(stack: Stack, job_id: int) -> tuple[JobState, int, int]:
+    with session_scope(stack.engine) as session:
+        job = get_job(session, job_id)
+        return job.state, job.attempts, job.progress
+
+
+def wait_finished(stack: Stack, job_ids: list[int], timeout: float) -> None:
+    try:
+        wait_for(
+            lambda: all(job_state(stack, j)[0] in FINISHED for j in job_ids), timeout, "the jobs"
+        )
+    except TimeoutError as error:
+        states = {j: job_state(stack, j) for j in job_ids}
+        raise AssertionError(f"{error}: {states}\n{stack.logs()}") from error
+
+
+def wait_running(stack: Stack, job_id: int, timeout: float = 90) -> None:
+    """Until the job is running and has reported progress, i.e. is mid-work."""
+
+    def mid_work() -> bool:
+        state, _attempts, progress = job_state(stack, job_id)
+        return state is JobState.running and progress > 0
+
+    wait_for(mid_work, timeout, f"job {job_id} to be mid-work")
+
+
+def file(session: Session, count: int) -> None:
+    ids = [f"it-{uuid.uuid4().hex[:10]}" for _ in range(count)]
+    register_samples(session, "it", [SampleRecord(i, Split.train, 0, "0" * 64) for i in ids])
+    for sample_id in ids:  # one commit each, as separate POSTs would
+        file_requests(session, [sample_id], actor="test", note=None, deadline_days=30)
+
+
+def train_params() -> dict[str, Any]:
+    """A real training run on the bundled digits, long enough to be killed halfway."""
+    return {"dataset": "digits", "epochs": 2, "batch_size": 64}
+
+
+def assert_trained_once(stack: Stack, job_id: int) -> None:
+    """The killed attempt left nothing in the ledger: one run and one version, from the job."""
+    with session_scope(stack.engine) as session:
+        versions = session.scalars(select(ModelVersion).where(ModelVersion.job_id == job_id))
+        assert len(list(versions)) == 1
+        runs = session.scalars(select(TrainingRun))
+        assert [run.finished_at is not None for run in runs] == [True]
+
+
+# Each kind of job the kill test covers, with the check that its effect happened exactly once.
+# An unlearn job joins once the pipeline promotes candidates: its check is that every rolled-back
+# step delta was subtracted once (invariant 2).
+KILLABLE_JOBS: dict[str, tuple[Callable[[], dict[str, Any]], Callable[[Stack, int], None]]] = {
+    "train": (train_params, assert_trained_once),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(KILLABLE_JOBS))
+def test_worker_killed_mid_job_finishes_on_attempt_two_after_restart(
+    stack: Stack, kind: str
+) -> None:
+    make_params, assert_effect_once = KILLABLE_JOBS[kind]
+    stack.start_scheduler()  # its sweeper notices the lost lease
+    worker = stack.start_worker()
+    job_id = new_job(stack, JobKind(kind), **make_params())
+    wait_running(stack, job_id)
+    worker.kill()  # SIGKILL to the parent and its pool process: nothing is acknowledged
+    assert job_state(stack, job_id)[:2] == (JobState.running, 1)
+    stack.start_worker()
+    wait_finished(stack, [job_id], timeout=180)
+    assert job_state(stack, job_id) == (JobState.succeeded, 2, 100)
+    assert_effect_once(stack, job_id)
+
+
+def test_pool_process_killed_mid_job_is_requeued_without_the_sweeper(stack: Stack) -> None:
+    """Only the child dies: the parent releases the lease and Celery requeues the message."""
+    worker = stack.start_worker()
+    job_id = new_job(stack, test_fault={"mode": "sleep", "seconds": 3})
+    wait_running(stack, job_id)
+    (child,) = pool_processes(worker)
+    os.kill(child, signal.SIGKILL)
+    wait_finished(stack, [job_id], timeout=60)
+    assert job_state(stack, job_id) == (JobState.succeeded, 2, 100)
+
+
+def test_a_job_that_always_crashes_ends_dead_with_its_requests_failed(stack: Stack) -> None:
+    stack.start_worker()
+    with session_scope(stack.engine) as session:
+        file(session, 3)
+        job = coalesce_pending_requests(
+            session,
+            window_seconds=0,
+            max_requests=10,
+            max_attempts=3,
+            actor="test",
+            params={"test_fault": {"mode": "crash"}},  # os._exit in the pool process
+        )
+        assert job is not None
+        job_id = job.id
+    enqueue_job(job_id, stack.settings)
+    wait_finished(stack, [job_id], timeout=90)
+    assert job_state(stack, job_id)[:2] == (JobState.dead, 3)
+    time.sleep(2)  # no endless requeue: nothing runs it again
+    assert job_state(stack, job_id)[:2] == (JobState.dead, 3)
+    with session_scope(stack.engine) as session:
+        failed, _cursor = list_requests(session, state=RequestState.failed)
+        assert {r.id for r in failed} == {r.id for r in requests_of_job(session, job_id)}
+        for request in failed:  # the operator sees why
+            assert request.error is not None and "gave up after 3 attempt(s)" in request.error
+            assert "WorkerLostError" in request.error
+
+
+@contextmanager
+def private_redis(stack: Stack) -> Iterator[Callable[[], None]]:
+    """A Redis of this test's own, so that restarting it disturbs nobody else's tests; yields a
+    function that restarts it empty (no persistence), as a crashed broker comes back."""
+    executable = shutil.which("redis-server")
+    if executable is None:
+        pytest.skip("redis-server is not installed")
+    port = free_port()
+    command = [executable, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+               "--appendonly", "no", "--dir", str(stack.home)]  # fmt: skip
+    stack.env["LETHE_BROKER_URL"] = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis(port=port, socket_connect_timeout=1)
+    running: list[Server] = []
+
+    def start() -> None:
+        process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL)
+        running.append(Server(process, base_url="", log_path=stack.home / "redis.log"))
+        stack.processes.append(running[-1])  # killed with the rest at teardown
+        wait_for(lambda: _pings(client), 10, "redis-server")
+
+    def restart() -> None:
+        running[-1].kill()
+        start()
+
+    start()
+    yield restart
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
+
+
+def test_redis_restarted_mid_flight_every_accepted_job_completes(stack: Stack) -> None:
+    with private_redis(stack) as restart_redis:
+        stack.start_scheduler()
+        stack.start_worker()
+        job_ids = [new_job(stack, test_fault={"mode": "sleep", "seconds": 2}) for _ in range(3)]
+        wait_running(stack, job_ids[0])
+        restart_redis()  # the queued messages and the unacknowledged one are gone
+        wait_finished(stack, job_ids, timeout=120)
+        assert {job_state(stack, j)[0] for j in job_ids} == {JobState.succeeded}
+
+
+def test_a_burst_of_requests_coalesces_into_few_jobs(stack: Stack) -> None:
+    stack.start_scheduler()
+    started = time.monotonic()
+    with session_scope(stack.engine) as session:
+        file(session, 40)
+    burst = time.monotonic() - started
+
+    def all_taken() -> bool:
+        with session_scope(stack.engine) as session:
+            pending = select(func.count()).where(DeletionRequest.state == RequestState.pending)
+            return session.scalar(pending) == 0
+
+    wait_for(all_taken, 30, "the scheduler to take every request")
+    with session_scope(stack.engine) as session:
+        requests = session.scalars(select(DeletionRequest)).all()
+        assert {r.state for r in requests} == {RequestState.processing}
+        jobs = {r.job_id for r in requests}
+    # Jobs are made more than a window apart, and the last within a window and a tick (two
+    # intervals, allowing for a slow tick) of the last request: 40 requests, one or two jobs.
+    settings = stack.settings
+    slack = 2 * settings.scheduler_interval_seconds
+    most = 1 + (burst + slack) / settings.coalesce_window_seconds
+    assert 1 <= len(jobs) <= int(most), f"{len(jobs)} jobs for a burst of {burst:.2f}s"

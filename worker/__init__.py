@@ -1,0 +1,1 @@
+"""Everything that touches tensors: training, unlearning, audits, and the Celery tasks."""

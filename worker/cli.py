@@ -1,0 +1,32 @@
+"""The ``lethe`` command. Tensor work is imported inside the handlers, so that ``lethe keys`` and
+``lethe serve`` run in the API image, which has no torch."""
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from app.cli import add_app_commands
+from app.ledger.errors import LedgerError
+from worker.commands import add_worker_commands
+from worker.scheduler import add_scheduler_command
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lethe", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_app_commands(commands)
+    add_worker_commands(commands)
+    add_scheduler_command(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.handler(args)
+    except LedgerError as error:
+        sys.exit(f"lethe: {error}")
+
+
+if __name__ == "__main__":
+    main()

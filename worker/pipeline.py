@@ -1,0 +1,103 @@
+"""What a job does, by kind: plain Python, called by the task once the job is claimed.
+
+Handlers import their tensor code inside the function, so that the Celery parent process (which
+imports this module) never loads torch; only a pool process running a job does.
+"""
+
+import os
+import time
+from collections.abc import Callable
+
+from sqlalchemy.orm import Session
+
+from app.ledger.tables import Job, JobKind
+from app.settings import Settings
+
+Progress = Callable[[int], None]
+Handler = Callable[[Session, Job, Progress, Settings], str | None]
+
+
+class JobFailed(Exception):
+    """A failure that retrying cannot fix: the job and its requests end ``failed`` at once."""
+
+
+def run_job(session: Session, job: Job, progress: Progress, *, settings: Settings) -> str | None:
+    """Runs the job's handler in the caller's transaction; returns the method it used."""
+    fault = job.params.get("test_fault")
+    if fault is not None and settings.allow_test_faults:
+        return _inject_fault(fault, progress)
+    return HANDLERS[job.kind](session, job, progress, settings)
+
+
+def _train(session: Session, job: Job, progress: Progress, settings: Settings) -> str:
+    """Ingests the data set (re-runnable) and trains a version with provenance; the version
+    serves at once only when nothing serves yet (``train_first_version``)."""
+    from worker.data import SourceUnavailable, ingest, open_source
+    from worker.devices import resolve_device
+    from worker.store import ArtifactStore
+    from worker.training import TrainConfig, train_first_version
+
+    params = job.params
+    store = ArtifactStore(settings.resolved_store_url)
+    try:
+        raw = open_source(params.get("dataset", "digits"))
+    except SourceUnavailable as error:
+        raise JobFailed(str(error)) from error
+    ingest(session, store, raw, seed=0)
+    config = TrainConfig(
+        epochs=params.get("epochs", 10),
+        batch_size=params.get("batch_size", 64),
+        optimizer=params.get("optimizer", "sgd"),
+        lr=params.get("learning_rate", 0.05),
+        seed=params.get("seed", 0),
+        delta_dtype=params.get("delta_dtype", "fp32"),
+    )
+    architecture = params.get("architecture", "small-cnn")
+    version = train_first_version(
+        session, store, raw.name, architecture, config, resolve_device(), progress
+    )
+    version.job_id = job.id
+    return "train"
+
+
+def _unlearn(session: Session, job: Job, progress: Progress, settings: Settings) -> str | None:
+    # worker.unlearning (issue 3) can make a candidate, but nothing may serve or complete a
+    # request before the audit passes (invariant 3), so the job fails visibly until it exists.
+    raise NotImplementedError(
+        "unlearn jobs need the audit battery and gate (issue 4: worker.audit) to promote a "
+        "candidate and complete their requests"
+    )
+
+
+def _audit(session: Session, job: Job, progress: Progress, settings: Settings) -> str | None:
+    raise NotImplementedError("audit jobs need the audit battery (issue 4: worker.audit)")
+
+
+HANDLERS: dict[JobKind, Handler] = {
+    JobKind.train: _train,
+    JobKind.unlearn: _unlearn,
+    JobKind.audit: _audit,
+}
+
+
+def _inject_fault(fault: dict[str, object], progress: Progress) -> str:
+    """Failure tests only (``LETHE_ALLOW_TEST_FAULTS``): a job that is slow, raises, fails or kills
+    its process, deterministically, in place of its real handler."""
+    mode = fault.get("mode")
+    if mode == "sleep":
+        _sleep_reporting(float(str(fault.get("seconds", 1.0))), progress)
+        return "test-sleep"
+    if mode == "raise":
+        raise RuntimeError("test fault: raise")
+    if mode == "fail":
+        raise JobFailed("test fault: fail")
+    if mode == "crash":
+        os._exit(70)  # as SIGKILL or the OOM killer would: no cleanup, no exception
+    raise JobFailed(f"unknown test fault {fault!r}")
+
+
+def _sleep_reporting(seconds: float, progress: Progress) -> None:
+    ticks = 10
+    for tick in range(1, ticks + 1):
+        time.sleep(seconds / ticks)
+        progress(tick * 100 // ticks)

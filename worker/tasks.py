@@ -1,0 +1,205 @@
+"""Thin tasks: take a job ID, claim the job in the ledger, run its handler, record the outcome.
+
+Delivery is at least once (late acks, redelivery, the sweeper's re-sends); the ledger makes the
+effect once: a finished job returns early, a job held by a live attempt is left alone.
+"""
+
+import logging
+import threading
+import traceback
+from types import TracebackType
+from typing import Any
+
+from billiard.einfo import ExceptionWithTraceback  # type: ignore[attr-defined]
+from billiard.exceptions import Terminated, WorkerLostError
+from celery import Task
+from celery.worker.request import Request
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from app.dispatch import RUN_JOB_TASK, enqueue_job
+from app.ledger.db import get_engine, session_scope
+from app.ledger.errors import StateConflict
+from app.ledger.jobs import (
+    FINISHED_STATES,
+    ClaimOutcome,
+    claim_job,
+    fail_attempt,
+    fail_job,
+    get_job,
+    heartbeat,
+    next_queued_in_lineage,
+    release_lease,
+    succeed_job,
+)
+from app.ledger.tables import JobState
+from app.settings import Settings, get_settings
+from worker.celery_app import celery_app
+from worker.pipeline import JobFailed, run_job
+
+log = logging.getLogger(__name__)
+# How a job's pool process ends without recording anything (SystemExit: billiard reports the
+# child's exit before Celery turns it into a WorkerLostError).
+WORKER_GONE = (WorkerLostError, Terminated, SystemExit)
+
+
+class LeaseLost(Exception):
+    """The lease ran out and another attempt may own the job: this one must stop."""
+
+
+class Heartbeat:
+    """Renews the attempt's lease on a thread and writes the progress the handler reports.
+
+    Only this thread writes, so a handler never waits on the database to report progress.
+    """
+
+    def __init__(self, engine: Engine, job_id: int, attempt: int, settings: Settings) -> None:
+        self._engine = engine
+        self._job_id = job_id
+        self._attempt = attempt
+        self._settings = settings
+        self._progress: int | None = None
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self.lost = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{job_id}", daemon=True)
+
+    def __enter__(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join()
+
+    def progress(self, percent: int) -> None:
+        if self.lost.is_set():
+            raise LeaseLost(f"job {self._job_id} attempt {self._attempt} lost its lease")
+        self._progress = percent
+        self._wake.set()
+
+    def _beat(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self._settings.heartbeat_seconds)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                with session_scope(self._engine) as session:
+                    held = heartbeat(
+                        session,
+                        self._job_id,
+                        self._attempt,
+                        lease_seconds=self._settings.lease_seconds,
+                        progress=self._progress,
+                    )
+            except SQLAlchemyError:
+                log.warning("heartbeat of job %s failed; retrying", self._job_id, exc_info=True)
+                continue
+            if not held:
+                self.lost.set()
+                return
+
+
+def execute_job(
+    job_id: int, *, settings: Settings | None = None, engine: Engine | None = None
+) -> str:
+    """The body of the Celery task and of the in-process runner. Returns what happened."""
+    settings = settings or get_settings()
+    engine = engine or get_engine()
+    with session_scope(engine) as session:
+        claim = claim_job(session, job_id, lease_seconds=settings.lease_seconds)
+    if claim.outcome is not ClaimOutcome.claimed:
+        log.info("job %s not run: %s", job_id, claim.outcome.value)
+        return claim.outcome.value
+    outcome = _run_claimed(engine, job_id, claim.job.attempts, settings)
+    if outcome in FINISHED_STATES:
+        _hand_over_lineage(engine, job_id, settings)
+    return outcome.value
+
+
+def _run_claimed(engine: Engine, job_id: int, attempt: int, settings: Settings) -> JobState:
+    with Heartbeat(engine, job_id, attempt, settings) as beat:
+        try:
+            with session_scope(engine) as session:
+                job = get_job(session, job_id)
+                method = run_job(session, job, beat.progress, settings=settings)
+                succeed_job(session, job_id, attempt, method=method)
+            return JobState.succeeded
+        except (LeaseLost, StateConflict):
+            log.warning("job %s attempt %s lost its lease; its outcome is dropped", job_id, attempt)
+            return JobState.running  # by the attempt that replaced this one
+        except (JobFailed, NotImplementedError) as error:
+            return _record_failure(engine, job_id, attempt, error, settings, retryable=False)
+        except Exception as error:  # any crash of the handler costs one attempt
+            return _record_failure(engine, job_id, attempt, error, settings, retryable=True)
+
+
+def _hand_over_lineage(engine: Engine, job_id: int, settings: Settings) -> None:
+    with session_scope(engine) as session:
+        successor = next_queued_in_lineage(session, job_id)
+    if successor is not None:
+        enqueue_job(successor, settings)
+
+
+def _record_failure(
+    engine: Engine,
+    job_id: int,
+    attempt: int,
+    error: BaseException,
+    settings: Settings,
+    *,
+    retryable: bool,
+) -> JobState:
+    message = "".join(traceback.format_exception_only(error)).strip()
+    log.error("job %s attempt %s failed: %s", job_id, attempt, message, exc_info=error)
+    with session_scope(engine) as session:
+        if not retryable:
+            fail_job(session, job_id, attempt, message)
+            return JobState.failed
+        state = fail_attempt(session, job_id, attempt, message)
+    if state is JobState.queued:
+        enqueue_job(job_id, settings)  # after commit, as always
+    return state
+
+
+class JobRequest(Request):
+    """Runs in the worker's parent process. When a pool process dies mid-job (SIGKILL, OOM, hard
+    time limit) the job's lease is expired at once, so the message Celery requeues (or the
+    sweeper's re-send) can claim the next attempt without waiting for the lease to run out."""
+
+    def on_failure(
+        self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
+    ) -> None:
+        exception = _unwrapped(exc_info.exception)
+        if isinstance(exception, WORKER_GONE):
+            _release_lost_job(self.args, repr(exception))
+        super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
+
+    def on_timeout(self, soft: bool, timeout: float) -> None:
+        super().on_timeout(soft, timeout)
+        if not soft:
+            _release_lost_job(self.args, f"hard time limit ({timeout}s) exceeded")
+
+
+def _unwrapped(exception: BaseException) -> BaseException:
+    return exception.exc if isinstance(exception, ExceptionWithTraceback) else exception
+
+
+def _release_lost_job(args: Any, reason: str) -> None:
+    try:
+        with session_scope() as session:
+            release_lease(session, int(args[0]), reason)
+    except (SQLAlchemyError, IndexError, TypeError, ValueError):
+        # The lease then simply runs out and the sweeper recovers the job.
+        log.warning("could not release the lease of a lost job %r", args, exc_info=True)
+
+
+class JobTask(Task[[int], str]):
+    Request = "worker.tasks:JobRequest"
+
+
+@celery_app.task(name=RUN_JOB_TASK, base=JobTask)
+def run_job_task(job_id: int) -> str:
+    return execute_job(job_id)

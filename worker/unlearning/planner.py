@@ -1,0 +1,82 @@
+"""The planner: for a forget set, the share of the lineage's steps it touches and the ladder of
+DESIGN.md (amnesiac, amnesiac + repair, relabel, exact retraining) with a predicted test
+accuracy drop for each; the first rung predicted to stay within the budget is chosen.
+
+The predictions are a heuristic, not a guarantee; the audit decides. The rollback's drop grows
+with the square of the share of steps rolled back: Graves et al. (Fig. 7) see little change up
+to 1% of the batches and a collapse at 10%, and bench/bench_rollback.py on digits measures
+0 points at 1.8% of the steps and 53 points at 16% (2000 x share^2 gives 0.6 and 53). A short
+fine-tune on retained data recovers most of the drop ("a small amount of training corrects
+that"): 60 steps at a tenth of the learning rate take 46 points back to 0, and 91 to 11.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy.orm import Session
+
+from app.ledger.provenance import StepRef
+from app.ledger.samples import sample_ids
+from app.ledger.tables import ModelVersion, SampleState, Split
+from worker.unlearning.amnesiac import plan_rollback
+
+LADDER = ("amnesiac", "amnesiac+repair", "relabel", "retrain-exact")
+
+
+@dataclass(frozen=True)
+class PlannerPolicy:
+    max_test_drop_points: float = 1.0  # the gate's default budget
+    rollback_points_per_squared_share: float = 2000.0  # 1% of the steps: 0.2 points; 10%: 20
+    repair_remaining_share: float = 0.1  # the part of the rollback drop a repair leaves
+    relabel_points_per_sample_share: float = 50.0  # 1% of the training samples: 0.5 points
+
+
+@dataclass(frozen=True)
+class Rung:
+    method: str
+    predicted_test_drop_points: float
+    within_budget: bool
+
+
+@dataclass(frozen=True)
+class Plan:
+    affected_steps: list[StepRef]  # to roll back: touched the forget set, not yet rolled back
+    already_rolled_back: list[StepRef]
+    total_steps: int
+    affected_share: float  # of the lineage's recorded steps
+    forget_share: float  # of the active training samples
+    ladder: list[Rung]
+
+    @property
+    def method(self) -> str:
+        """The first rung within budget; exact retraining, the last rung, always qualifies."""
+        return next(rung.method for rung in self.ladder if rung.within_budget)
+
+
+def plan(
+    session: Session,
+    parent: ModelVersion,
+    forget_ids: Sequence[str],
+    policy: PlannerPolicy = PlannerPolicy(),
+) -> Plan:
+    rollback = plan_rollback(session, parent, forget_ids)
+    active = len(sample_ids(session, rollback.dataset, Split.train, SampleState.active))
+    forget_share = len(forget_ids) / active if active else 1.0
+    rollback_drop = min(100.0, policy.rollback_points_per_squared_share * rollback.share**2)
+    predictions = {
+        "amnesiac": rollback_drop,
+        "amnesiac+repair": rollback_drop * policy.repair_remaining_share,
+        "relabel": policy.relabel_points_per_sample_share * forget_share,
+        "retrain-exact": 0.0,
+    }
+    return Plan(
+        affected_steps=rollback.steps,
+        already_rolled_back=rollback.already_rolled_back,
+        total_steps=rollback.total_steps,
+        affected_share=rollback.share,
+        forget_share=forget_share,
+        ladder=[
+            Rung(method, drop, drop <= policy.max_test_drop_points or method == LADDER[-1])
+            for method, drop in predictions.items()
+        ],
+    )
