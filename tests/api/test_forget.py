@@ -131,8 +131,12 @@ def test_idempotency_key_in_flight_is_409(api: Api) -> None:
     hash_of_first = "f" * 64
     with open_session(api.engine) as session:
         stored = idempotency.begin(
-            session, api_key_id=key_id, key="busy", request_hash=hash_of_first,
-            ttl=timedelta(hours=1), stale_after=timedelta(minutes=5),
+            session,
+            api_key_id=key_id,
+            key="busy",
+            request_hash=hash_of_first,
+            ttl=timedelta(hours=1),
+            stale_after=timedelta(minutes=5),
         )
         assert stored is None
     response = api.client.post(

@@ -73,9 +73,14 @@ def test_audit_report_404_202_and_200(api: Api) -> None:
     with session_scope(api.engine) as session:
         session.add(
             Audit(
-                version_id=2, state="done", decision="pass", metrics={"test_accuracy": 0.97},
-                thresholds={"max_test_accuracy_drop": 1.0}, reasons=["all rules hold"],
-                artifacts={"roc.png": "audits/v2/roc.png"}, finished_at=utcnow(),
+                version_id=2,
+                state="done",
+                decision="pass",
+                metrics={"test_accuracy": 0.97},
+                thresholds={"max_test_accuracy_drop": 1.0},
+                reasons=["all rules hold"],
+                artifacts={"roc.png": "audits/v2/roc.png"},
+                finished_at=utcnow(),
             )
         )
     report = api.client.get("/audit/v2", headers=api.headers())

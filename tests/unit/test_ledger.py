@@ -35,7 +35,12 @@ def test_register_is_rerunnable(session: Session) -> None:
 def test_membership_both_ways(session: Session) -> None:
     ids = seed(session)
     run = create_run(
-        session, kind="train", dataset="toy", architecture="x", hyperparameters={}, seed=0,
+        session,
+        kind="train",
+        dataset="toy",
+        architecture="x",
+        hyperparameters={},
+        seed=0,
         store_prefix="runs/1",
     )
     record_steps(session, run.id, [(0, ids[:3]), (1, ids[3:]), (2, [ids[0], ids[0], ids[5]])])
@@ -49,7 +54,12 @@ def test_membership_both_ways(session: Session) -> None:
 def test_rollback_claims_a_step_once(session: Session) -> None:
     ids = seed(session)
     run = create_run(
-        session, kind="train", dataset="toy", architecture="x", hyperparameters={}, seed=0,
+        session,
+        kind="train",
+        dataset="toy",
+        architecture="x",
+        hyperparameters={},
+        seed=0,
         store_prefix="runs/1",
     )
     deltas = [DeltaRecord(s, f"d/{s}", "0" * 64, "fp32", 4, ["w"]) for s in range(2)]
