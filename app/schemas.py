@@ -136,6 +136,11 @@ class TrainBody(Strict):
     optimizer: Literal["sgd", "adam"] = "sgd"
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
     delta_dtype: Literal["fp32", "bf16"] = "fp32"
+    prepare_audits: bool = Field(
+        default=True,
+        description="Also train the audit's reference and attack models now, so that the "
+        "first deletion does not wait for them",
+    )
 
 
 class JobOut(BaseModel):

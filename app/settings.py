@@ -76,6 +76,11 @@ class Settings(BaseSettings):
         default=300.0, description="A job still queued after this is sent to the broker again"
     )
     scheduler_interval_seconds: float = Field(default=5.0, description="Scheduler tick")
+    retain_superseded_weights: bool = Field(
+        default=False,
+        description="Keep the weights of the versions a deletion superseded (they still hold "
+        "the erased samples); by default they are purged",
+    )
     allow_test_faults: bool = Field(
         default=False, description="Honour `test_fault` in job params (failure tests only)"
     )

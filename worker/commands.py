@@ -23,7 +23,6 @@ if TYPE_CHECKING:
     from worker.store import ArtifactStore
 
 Progress = Callable[[int], None]
-METHODS = ("amnesiac", "relabel", "retrain", "retrain-naive")
 
 
 def add_worker_commands(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -51,9 +50,13 @@ def add_worker_commands(commands: "argparse._SubParsersAction[argparse.ArgumentP
 
     forget = commands.add_parser("forget", help="unlearn samples now; records a candidate")
     forget.add_argument("sample_ids", nargs="+", metavar="SAMPLE_ID")
-    forget.add_argument("--method", choices=METHODS, default="amnesiac")
+    forget.add_argument(
+        "--method",
+        choices=("amnesiac", "amnesiac+repair", "relabel", "retrain-exact", "retrain-naive"),
+        default="amnesiac",
+    )
     forget.add_argument("--version", help="parent version; default: the serving one")
-    forget.add_argument("--repair-steps", type=int, default=0, help="amnesiac: fine-tune steps")
+    forget.add_argument("--repair-steps", type=int, help="amnesiac+repair: fine-tune steps")
     forget.add_argument("--copies", type=int, help="relabel: copies per sample")
     forget.add_argument("--relabel-steps", type=int, help="relabel: training steps")
     forget.add_argument("--naive-steps", type=int, help="retrain-naive: default one run's epochs")
@@ -157,21 +160,9 @@ def _run_method(
     device: "torch.device",
     progress: Progress,
 ) -> ModelVersion:
-    from worker import unlearning
+    from worker.unlearning import MethodOptions, RelabelConfig, unlearn
 
-    ids = args.sample_ids
-    if args.method == "amnesiac":
-        return unlearning.amnesiac_rollback(
-            session, store, parent, ids, device, repair_steps=args.repair_steps, progress=progress
-        )
-    if args.method == "relabel":
-        given = _given(args, {"copies": "copies", "relabel_steps": "steps"})
-        config = unlearning.RelabelConfig(**given)
-        return unlearning.relabel_unlearning(
-            session, store, parent, ids, device, config, progress=progress
-        )
-    if args.method == "retrain-naive":
-        return unlearning.naive_retrain(
-            session, store, parent, ids, device, steps=args.naive_steps, progress=progress
-        )
-    return unlearning.exact_retrain(session, store, parent, ids, device, progress=progress)
+    relabel = RelabelConfig(**_given(args, {"copies": "copies", "relabel_steps": "steps"}))
+    given = _given(args, {"repair_steps": "repair_steps", "naive_steps": "naive_steps"})
+    options = MethodOptions(relabel=relabel, **given)
+    return unlearn(session, store, parent, args.sample_ids, args.method, device, options, progress)

@@ -26,16 +26,21 @@ def run_job(session: Session, job: Job, progress: Progress, *, settings: Setting
     fault = job.params.get("test_fault")
     if fault is not None and settings.allow_test_faults:
         return _inject_fault(fault, progress)
-    return HANDLERS[job.kind](session, job, progress, settings)
+    handler = HANDLERS.get(job.kind)
+    if handler is None:
+        raise JobFailed(f"no handler for {job.kind.value} jobs: audits run inside unlearn jobs")
+    return handler(session, job, progress, settings)
 
 
 def _train(session: Session, job: Job, progress: Progress, settings: Settings) -> str:
     """Ingests the data set (re-runnable) and trains a version with provenance; the version
     serves at once only when nothing serves yet (``train_first_version``)."""
+    from worker.audit import prepare_audits
     from worker.data import SourceUnavailable, ingest, open_source
     from worker.devices import resolve_device
     from worker.store import ArtifactStore
     from worker.training import TrainConfig, train_first_version
+    from worker.unlearning.common import within
 
     params = job.params
     store = ArtifactStore(settings.resolved_store_url)
@@ -53,30 +58,35 @@ def _train(session: Session, job: Job, progress: Progress, settings: Settings) -
         delta_dtype=params.get("delta_dtype", "fp32"),
     )
     architecture = params.get("architecture", "small-cnn")
+    device = resolve_device()
+    prepare = params.get("prepare_audits", True)
     version = train_first_version(
-        session, store, raw.name, architecture, config, resolve_device(), progress
+        session,
+        store,
+        raw.name,
+        architecture,
+        config,
+        device,
+        within(progress, 0, 60 if prepare else 100),
     )
     version.job_id = job.id
+    if prepare:
+        prepare_audits(session, store, version, device)
     return "train"
 
 
 def _unlearn(session: Session, job: Job, progress: Progress, settings: Settings) -> str | None:
-    # worker.unlearning (issue 3) can make a candidate, but nothing may serve or complete a
-    # request before the audit passes (invariant 3), so the job fails visibly until it exists.
-    raise NotImplementedError(
-        "unlearn jobs need the audit battery and gate (issue 4: worker.audit) to promote a "
-        "candidate and complete their requests"
-    )
+    from worker.forgetting import LadderExhausted, run_unlearn_job
 
-
-def _audit(session: Session, job: Job, progress: Progress, settings: Settings) -> str | None:
-    raise NotImplementedError("audit jobs need the audit battery (issue 4: worker.audit)")
+    try:
+        return run_unlearn_job(session, job, progress, settings)
+    except LadderExhausted as error:
+        raise JobFailed(str(error)) from error
 
 
 HANDLERS: dict[JobKind, Handler] = {
     JobKind.train: _train,
     JobKind.unlearn: _unlearn,
-    JobKind.audit: _audit,
 }
 
 

@@ -193,3 +193,21 @@ def transition_requests(
             f"{len(set(request_ids)) - changed} request(s) not {expected.value}; "
             f"none moved to {new.value}"
         )
+
+
+def attach_certificate(session: Session, request_id: str, certificate: dict[str, object]) -> None:
+    """The erasure certificate of a completed request, written once."""
+    changed = affected_rows(
+        session.execute(
+            update(DeletionRequest)
+            .where(
+                DeletionRequest.id == request_id,
+                DeletionRequest.state == RequestState.completed,
+                DeletionRequest.certificate.is_(None),
+            )
+            .values(certificate=certificate, updated_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
+    )
+    if changed != 1:
+        raise StateConflict(f"request {request_id} is not completed or already has a certificate")

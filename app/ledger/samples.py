@@ -78,3 +78,8 @@ def set_sample_state(
     )
     if changed != len(set(sample_ids)):
         raise StateConflict(f"samples are not all {expected.value}; none moved to {new.value}")
+
+
+def samples_by_id(session: Session, sample_ids: Sequence[str]) -> dict[str, Sample]:
+    rows = session.scalars(select(Sample).where(Sample.sample_id.in_(sample_ids)))
+    return {sample.sample_id: sample for sample in rows}

@@ -160,3 +160,17 @@ def version_names(session: Session, version_ids: set[int]) -> dict[int, str]:
         select(ModelVersion.id, ModelVersion.version).where(ModelVersion.id.in_(version_ids))
     )
     return {version_id: name for version_id, name in rows}
+
+
+def versions_of_job(session: Session, job_id: int) -> list[ModelVersion]:
+    return list(
+        session.scalars(
+            select(ModelVersion).where(ModelVersion.job_id == job_id).order_by(ModelVersion.id)
+        )
+    )
+
+
+def mark_weights_purged(session: Session, version: ModelVersion) -> None:
+    """The weights object is gone from the store; the ledger keeps its key and sha256."""
+    version.weights_purged_at = utcnow()
+    session.flush()

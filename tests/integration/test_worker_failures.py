@@ -85,7 +85,7 @@ def file(session: Session, count: int) -> None:
 
 def train_params() -> dict[str, Any]:
     """A real training run on the bundled digits, long enough to be killed halfway."""
-    return {"dataset": "digits", "epochs": 2, "batch_size": 64}
+    return {"dataset": "digits", "epochs": 2, "batch_size": 64, "prepare_audits": False}
 
 
 def assert_trained_once(stack: Stack, job_id: int) -> None:

@@ -6,12 +6,15 @@ from worker.unlearning.amnesiac import (
     purge_deltas,
     subtract_steps,
 )
+from worker.unlearning.methods import METHODS, MethodOptions, unlearn
 from worker.unlearning.planner import LADDER, Plan, PlannerPolicy, plan
 from worker.unlearning.relabel import RelabelConfig, relabel_unlearning
 from worker.unlearning.retrain import exact_retrain, naive_retrain
 
 __all__ = [
     "LADDER",
+    "METHODS",
+    "MethodOptions",
     "Plan",
     "PlannerPolicy",
     "RelabelConfig",
@@ -23,4 +26,5 @@ __all__ = [
     "purge_deltas",
     "relabel_unlearning",
     "subtract_steps",
+    "unlearn",
 ]
