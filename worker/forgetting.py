@@ -110,9 +110,10 @@ def forget(
             + ", ".join(sorted(s.sample_id for s in foreign))
         )
     chosen = plan(session, parent, forget_ids)
-    rungs = list(LADDER[LADDER.index(chosen.method) :])
+    tried = _rejected_rungs(session, job)  # by an earlier attempt of this job: not redone
+    done = {rung.method for rung in tried}
+    rungs = [m for m in LADDER[LADDER.index(chosen.method) :] if m not in done]
     device = resolve_device()
-    tried: list[Rung] = []
     for number, method in enumerate(rungs):
         span = within(progress, 100 * number // len(rungs), 100 * (number + 1) // len(rungs))
         candidate, rung = _try_rung(session, store, job, parent, forget_ids, method, device, span)
@@ -125,6 +126,22 @@ def forget(
         "every rung failed its audit: "
         + "; ".join(f"{r.method} ({r.version}): {', '.join(r.failed_rules)}" for r in tried)
     )
+
+
+def _rejected_rungs(session: Session, job: Job) -> list[Rung]:
+    rungs = []
+    for version in versions_of_job(session, job.id):
+        audit = latest_audit(session, version.id)
+        if version.state is VersionState.rejected and audit is not None:
+            rungs.append(_rung(version, audit.id, str(audit.decision), audit.reasons))
+    return rungs
+
+
+def _rung(
+    version: ModelVersion, audit_id: int, decision: str, reasons: list[dict[str, Any]]
+) -> Rung:
+    failed = [str(reason["rule"]) for reason in reasons if not reason["passed"]]
+    return Rung(version.method, version.version, audit_id, decision, failed)
 
 
 def _dataset(version: ModelVersion) -> str:
@@ -176,8 +193,7 @@ def _try_rung(
             outcome="rejected",
             details={"method": method, "audit": audit.audit_id, "reasons": audit.reasons},
         )
-    failed = [str(reason["rule"]) for reason in audit.reasons if not reason["passed"]]
-    return candidate, Rung(method, candidate.version, audit.audit_id, audit.decision, failed)
+    return candidate, _rung(candidate, audit.audit_id, audit.decision, audit.reasons)
 
 
 def _complete(

@@ -10,12 +10,14 @@ import json
 import math
 import posixpath
 import struct
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import fsspec
 import torch
+from fsspec.implementations.local import LocalFileSystem
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
@@ -88,6 +90,7 @@ class ArtifactStore:
     def __init__(self, url: str) -> None:
         self.url = url
         self.fs, self.root = fsspec.core.url_to_fs(url)
+        self._local = isinstance(self.fs, LocalFileSystem)
 
     def _path(self, key: str) -> str:
         return posixpath.join(self.root, key)
@@ -97,14 +100,19 @@ class ArtifactStore:
 
     def put_parts(self, key: str, parts: Sequence[bytes | memoryview]) -> StoredObject:
         """Writes the parts back to back as one object, hashing them on the way: no joined
-        copy of a large tensor is made."""
+        copy of a large tensor is made. The object appears whole or not at all: object stores
+        publish an upload on close, and on a file system a temporary file is renamed, so a
+        process killed mid-write never leaves a truncated object behind."""
         path = self._path(key)
         self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
         digest = hashlib.sha256()
-        with self.fs.open(path, "wb") as handle:
+        target = f"{path}.partial-{uuid.uuid4().hex}" if self._local else path
+        with self.fs.open(target, "wb") as handle:
             for part in parts:
                 digest.update(part)
                 handle.write(part)
+        if target != path:
+            self.fs.mv(target, path)
         return StoredObject(key, digest.hexdigest(), sum(memoryview(p).nbytes for p in parts))
 
     def get_bytes(self, key: str, expected_sha256: str | None = None) -> bytes:

@@ -10,6 +10,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,19 +109,21 @@ class Stack:
         return "\n".join(f"--- {p.log_path.name}\n{p.log_tail(30)}" for p in self.processes)
 
 
-@pytest.fixture
-def stack(tmp_path: Path) -> Iterator[Stack]:
+@contextmanager
+def open_stack(home: Path) -> Iterator[Stack]:
+    """A fresh database and a Redis key prefix and queue of its own, for processes started in
+    ``home``; skips (saying why) when PostgreSQL or Redis is not reachable."""
     reason = postgres_available() or redis_unavailable(REDIS_URL)
     if reason:
         pytest.skip(reason)
     run = uuid.uuid4().hex[:10]
     prefix = f"lethe-test-{run}:"
-    # A database per test: the scheduler coalesces every pending request it can see.
+    # A database per stack: the scheduler coalesces every pending request it can see.
     with fresh_postgres_database(POSTGRES_ADMIN_URL, prefix="lethe_jobs") as database_url:
         env = service_env(
             database_url,
             secrets.token_urlsafe(16),
-            tmp_path,
+            home,
             broker_url=REDIS_URL,
             broker_key_prefix=prefix,
             gpu_queue=f"lethe-test-{run}",
@@ -129,7 +132,7 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
         )
         env |= {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # share the CPU cores politely
         engine = make_engine(database_url)
-        stack = Stack(env, engine, tmp_path)
+        stack = Stack(env, engine, home)
         try:
             yield stack
         finally:
@@ -137,6 +140,12 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
                 process.kill()
             engine.dispose()
             _delete_keys(env["LETHE_BROKER_URL"], prefix)
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[Stack]:
+    with open_stack(tmp_path) as opened:
+        yield opened
 
 
 def _delete_keys(url: str, prefix: str) -> None:

@@ -25,7 +25,7 @@ from app.dispatch import enqueue_job
 from app.ledger.db import session_scope
 from app.ledger.jobs import coalesce_pending_requests, create_job, get_job, requests_of_job
 from app.ledger.requests import file_requests, list_requests
-from app.ledger.samples import SampleRecord, register_samples
+from app.ledger.samples import SampleRecord, register_samples, sample_ids
 from app.ledger.tables import (
     DeletionRequest,
     JobKind,
@@ -33,7 +33,9 @@ from app.ledger.tables import (
     ModelVersion,
     RequestState,
     Split,
+    StepDelta,
     TrainingRun,
+    VersionState,
 )
 from tests.integration.conftest import Stack, pool_processes, wait_for
 from tests.integration.servers import Server, free_port
@@ -97,11 +99,54 @@ def assert_trained_once(stack: Stack, job_id: int) -> None:
         assert [run.finished_at is not None for run in runs] == [True]
 
 
-# Each kind of job the kill test covers, with the check that its effect happened exactly once.
-# An unlearn job joins once the pipeline promotes candidates: its check is that every rolled-back
-# step delta was subtracted once (invariant 2).
-KILLABLE_JOBS: dict[str, tuple[Callable[[], dict[str, Any]], Callable[[Stack, int], None]]] = {
-    "train": (train_params, assert_trained_once),
+def start_training(stack: Stack) -> int:
+    return new_job(stack, JobKind.train, **train_params())
+
+
+def start_unlearning(stack: Stack) -> int:
+    """A trained model, then three requests coalesced into one unlearn job. The audit's cached
+    models are not built yet, so the job runs long enough to be killed halfway."""
+    wait_finished(stack, [start_training(stack)], timeout=180)
+    with session_scope(stack.engine) as session:
+        for sample_id in sample_ids(session, "digits", Split.train)[:3]:
+            file_requests(session, [sample_id], actor="test", note=None, deadline_days=30)
+        job = coalesce_pending_requests(
+            session, window_seconds=0, max_requests=10, max_attempts=3, actor="test"
+        )
+        assert job is not None
+        job_id = job.id
+    enqueue_job(job_id, stack.settings)
+    return job_id
+
+
+def assert_unlearned_once(stack: Stack, job_id: int) -> None:
+    """One promoted version from the job, its requests certified, and invariant 2: every step
+    delta subtracted once, by the serving version only (the killed attempt's claims are gone)."""
+    with session_scope(stack.engine) as session:
+        versions = session.scalars(select(ModelVersion).where(ModelVersion.job_id == job_id))
+        *rejected, version = versions.all()  # rungs of the ladder that failed their audit
+        assert version.state is VersionState.serving
+        assert {v.state for v in rejected} <= {VersionState.rejected}
+        methods = [v.method for v in rejected]
+        assert len(methods) == len(set(methods))  # a retry does not climb a rung twice
+        requests = requests_of_job(session, job_id)
+        assert {r.state for r in requests} == {RequestState.completed}
+        assert all(r.certificate is not None for r in requests)
+        claimed = session.execute(
+            select(StepDelta.run_id, StepDelta.step, StepDelta.rolled_back_in).where(
+                StepDelta.rolled_back_in.is_not(None)
+            )
+        ).all()
+        assert {holder for _run, _step, holder in claimed} <= {version.id}
+        recorded = version.details.get("rolled_back_steps", [])
+        assert sorted([run, step] for run, step, _holder in claimed) == sorted(recorded)
+
+
+# Each kind of job the kill test covers: how to start one, and the check that its effect
+# happened exactly once.
+KILLABLE_JOBS: dict[str, tuple[Callable[[Stack], int], Callable[[Stack, int], None]]] = {
+    "train": (start_training, assert_trained_once),
+    "unlearn": (start_unlearning, assert_unlearned_once),
 }
 
 
@@ -109,10 +154,10 @@ KILLABLE_JOBS: dict[str, tuple[Callable[[], dict[str, Any]], Callable[[Stack, in
 def test_worker_killed_mid_job_finishes_on_attempt_two_after_restart(
     stack: Stack, kind: str
 ) -> None:
-    make_params, assert_effect_once = KILLABLE_JOBS[kind]
+    start_job, assert_effect_once = KILLABLE_JOBS[kind]
     stack.start_scheduler()  # its sweeper notices the lost lease
     worker = stack.start_worker()
-    job_id = new_job(stack, JobKind(kind), **make_params())
+    job_id = start_job(stack)
     wait_running(stack, job_id)
     worker.kill()  # SIGKILL to the parent and its pool process: nothing is acknowledged
     assert job_state(stack, job_id)[:2] == (JobState.running, 1)

@@ -219,3 +219,36 @@ def test_a_crash_after_promotion_only_finishes_the_purge(
     assert request.certificate is not None
     with pytest.raises(LookupError):
         load_samples(ledger.store, "digits", ids)
+
+
+def test_a_retry_resumes_the_ladder_after_the_rungs_already_rejected(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_audit, real_unlearn = forgetting.run_audit, forgetting.unlearn
+
+    def amnesiac_fails(*args: Any, **kwargs: Any) -> Any:
+        result = real_audit(*args, **kwargs)
+        return replace(result, passed=False) if args[2].method == "amnesiac" else result
+
+    def crash_on_repair(*args: Any, **kwargs: Any) -> Any:
+        if args[4] == "amnesiac+repair":
+            raise RuntimeError("the worker died on the second rung")
+        return real_unlearn(*args, **kwargs)
+
+    monkeypatch.setattr(forgetting, "run_audit", amnesiac_fails)
+    job = ledger.forget(ledger.train_ids(1, offset=40))
+    with monkeypatch.context() as patch:
+        patch.setattr(forgetting, "unlearn", crash_on_repair)
+        with pytest.raises(RuntimeError):
+            forgetting.run_unlearn_job(ledger.session, job, lambda _: None, ledger.settings)
+    ledger.session.rollback()
+
+    assert ledger.run(job) == "amnesiac+repair"
+
+    methods = ledger.session.scalars(
+        select(ModelVersion.method).where(ModelVersion.job_id == job.id).order_by(ModelVersion.id)
+    ).all()
+    assert methods == ["amnesiac", "amnesiac+repair"]
+    serving = alias_target(ledger.session)
+    assert serving is not None
+    assert [r["method"] for r in serving.details["ladder"]] == methods

@@ -56,15 +56,14 @@ class ReferenceSet:
     def cached(self, name: str, build: Callable[[], Tensors]) -> Tensors:
         """The named tensors, built (and timed) on first use, then read from the store."""
         key = f"{self.prefix}/{name}.safetensors"
-        if not self.store.exists(key):
+        timing_key = f"{self.prefix}/{name}.json"  # written last: a crashed build is redone
+        if not self.store.exists(timing_key):
             started = time.perf_counter()
             tensors = build()
             self.store.put_tensors(key, tensors)
-            self.store.put_json(
-                f"{self.prefix}/{name}.json", {"seconds": time.perf_counter() - started}
-            )
+            self.store.put_json(timing_key, {"seconds": time.perf_counter() - started})
             self.built_now.append(name)
-        self.one_off_seconds[name] = self.store.get_json(f"{self.prefix}/{name}.json")["seconds"]
+        self.one_off_seconds[name] = self.store.get_json(timing_key)["seconds"]
         return self.store.get_tensors(key, torch.device("cpu"))
 
 
