@@ -2,6 +2,7 @@
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -76,6 +77,11 @@ class Settings(BaseSettings):
         default=300.0, description="A job still queued after this is sent to the broker again"
     )
     scheduler_interval_seconds: float = Field(default=5.0, description="Scheduler tick")
+    ladder_start: Literal["", "amnesiac", "amnesiac+repair", "relabel", "retrain-exact"] = Field(
+        default="",
+        description="First rung of the unlearning ladder; empty lets the planner choose "
+        "(e.g. `retrain-exact` for a policy of exact retraining only)",
+    )
     retain_superseded_weights: bool = Field(
         default=False,
         description="Keep the weights of the versions a deletion superseded (they still hold "

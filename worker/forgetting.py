@@ -109,17 +109,17 @@ def forget(
             f"samples of another data set than the serving model's ({_dataset(parent)}): "
             + ", ".join(sorted(s.sample_id for s in foreign))
         )
-    chosen = plan(session, parent, forget_ids)
+    first = settings.ladder_start or plan(session, parent, forget_ids).method
     tried = _rejected_rungs(session, job)  # by an earlier attempt of this job: not redone
     done = {rung.method for rung in tried}
-    rungs = [m for m in LADDER[LADDER.index(chosen.method) :] if m not in done]
+    rungs = [m for m in LADDER[LADDER.index(first) :] if m not in done]
     device = resolve_device()
     for number, method in enumerate(rungs):
         span = within(progress, 100 * number // len(rungs), 100 * (number + 1) // len(rungs))
         candidate, rung = _try_rung(session, store, job, parent, forget_ids, method, device, span)
         tried.append(rung)
         if rung.decision == "pass":
-            _complete(session, job, candidate, requests, tried, chosen.affected_share)
+            _complete(session, job, candidate, requests, tried)
             return candidate
         session.commit()  # the rejected candidate and its audit stay for the operator to read
     raise LadderExhausted(
@@ -202,14 +202,9 @@ def _complete(
     candidate: ModelVersion,
     requests: Sequence[DeletionRequest],
     tried: list[Rung],
-    affected_share: float,
 ) -> None:
     rung = tried[-1]
-    candidate.details = {
-        **candidate.details,
-        "ladder": [vars(r) for r in tried],
-        "affected_share": affected_share,
-    }
+    candidate.details = {**candidate.details, "ladder": [vars(r) for r in tried]}
     promote(
         session,
         candidate,

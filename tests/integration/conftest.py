@@ -1,158 +1,23 @@
-"""Fixtures for the job failure tests: a fresh PostgreSQL database per test, this run's own slice of
-the real Redis (a key prefix and a queue name), and real ``celery worker`` and ``lethe scheduler``
-processes, started, killed and restarted the way an operator's would be.
-"""
+"""Fixtures for the job tests: a stack of real processes per test (see stack.py), skipped with
+the reason when PostgreSQL or Redis is not reachable."""
 
-import os
-import secrets
-import subprocess
-import sys
-import time
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
-from sqlalchemy import Engine
 
-from app.ledger.db import make_engine
-from app.settings import Settings
-from tests.conftest import POSTGRES_ADMIN_URL, postgres_available
-from tests.integration.servers import PROJECT_ROOT, Server, fresh_postgres_database, service_env
-
-REDIS_URL = os.environ.get("LETHE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-# Short enough for tests; the invariants between them are those of production.
-TIMINGS = {
-    "lease_seconds": "5",
-    "heartbeat_seconds": "0.5",
-    "scheduler_interval_seconds": "0.5",
-    "requeue_after_seconds": "4",
-    "coalesce_window_seconds": "1",
-    "task_time_limit_seconds": "120",
-    "visibility_timeout_seconds": "150",
-    "job_max_attempts": "3",
-}
+from tests.conftest import postgres_available
+from tests.integration.stack import REDIS_URL, Stack, open_stack, redis_unavailable
 
 
-def redis_unavailable(url: str) -> str | None:
-    """None when reachable, else the reason (shown in the skip message)."""
-    try:
-        redis.Redis.from_url(url, socket_connect_timeout=2).ping()
-        return None
-    except redis.RedisError as error:
-        return f"Redis not reachable at {url}: {error.__class__.__name__}"
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.1)
-
-
-def pool_processes(worker: Server) -> list[int]:
-    children = Path(f"/proc/{worker.process.pid}/task/{worker.process.pid}/children")
-    return [int(pid) for pid in children.read_text().split()]
-
-
-@dataclass
-class Stack:
-    """One test's ledger, broker slice and service processes."""
-
-    env: dict[str, str]
-    engine: Engine
-    home: Path
-    processes: list[Server] = field(default_factory=list)
-
-    @property
-    def settings(self) -> Settings:
-        """The same settings the processes read, for calls made from the test process."""
-        prefixed = {k.removeprefix("LETHE_").lower(): v for k, v in self.env.items()}
-        return Settings.model_validate(
-            {k: v for k, v in prefixed.items() if k in Settings.model_fields}
-        )
-
-    def start_worker(self) -> Server:
-        command = [
-            sys.executable, "-m", "celery", "-A", "worker.celery_app:celery_app", "worker",
-            "--loglevel=INFO", f"--queues={self.env['LETHE_GPU_QUEUE']}",
-            f"--hostname=lethe-test-{uuid.uuid4().hex[:6]}@%h",
-            "--without-gossip", "--without-mingle",
-        ]  # fmt: skip
-        worker = self._start("worker", command)
-        wait_for(lambda: "ready." in worker.log_path.read_text(errors="replace"), 60, "the worker")
-        return worker
-
-    def start_scheduler(self) -> Server:
-        return self._start("scheduler", [sys.executable, "-m", "worker.cli", "scheduler"])
-
-    def _start(self, name: str, command: list[str]) -> Server:
-        log_path = self.home / f"{name}-{len(self.processes)}.log"
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                command,
-                cwd=PROJECT_ROOT,
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own group: a kill takes its pool processes too
-            )
-        server = Server(process, base_url="", log_path=log_path)
-        self.processes.append(server)
-        return server
-
-    def logs(self) -> str:
-        return "\n".join(f"--- {p.log_path.name}\n{p.log_tail(30)}" for p in self.processes)
-
-
-@contextmanager
-def open_stack(home: Path) -> Iterator[Stack]:
-    """A fresh database and a Redis key prefix and queue of its own, for processes started in
-    ``home``; skips (saying why) when PostgreSQL or Redis is not reachable."""
+def require_services() -> None:
     reason = postgres_available() or redis_unavailable(REDIS_URL)
     if reason:
         pytest.skip(reason)
-    run = uuid.uuid4().hex[:10]
-    prefix = f"lethe-test-{run}:"
-    # A database per stack: the scheduler coalesces every pending request it can see.
-    with fresh_postgres_database(POSTGRES_ADMIN_URL, prefix="lethe_jobs") as database_url:
-        env = service_env(
-            database_url,
-            secrets.token_urlsafe(16),
-            home,
-            broker_url=REDIS_URL,
-            broker_key_prefix=prefix,
-            gpu_queue=f"lethe-test-{run}",
-            allow_test_faults="1",
-            **TIMINGS,
-        )
-        env |= {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # share the CPU cores politely
-        engine = make_engine(database_url)
-        stack = Stack(env, engine, home)
-        try:
-            yield stack
-        finally:
-            for process in stack.processes:
-                process.kill()
-            engine.dispose()
-            _delete_keys(env["LETHE_BROKER_URL"], prefix)
 
 
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[Stack]:
+    require_services()
     with open_stack(tmp_path) as opened:
         yield opened
-
-
-def _delete_keys(url: str, prefix: str) -> None:
-    try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=2)
-        keys = list(client.scan_iter(match=f"{prefix}*"))
-        if keys:
-            client.delete(*keys)
-    except redis.RedisError:
-        pass  # a private Redis that a test already stopped

@@ -16,8 +16,9 @@ from sqlalchemy import func, select
 from app.ledger.db import session_scope
 from app.ledger.samples import sample_ids
 from app.ledger.tables import DeletionRequest, ModelVersion, Split, StepDelta, VersionState
-from tests.integration.conftest import Stack, open_stack, wait_for
+from tests.integration.conftest import require_services
 from tests.integration.servers import uvicorn_server
+from tests.integration.stack import Stack, open_stack, wait_for
 from worker.data import load_samples
 from worker.store import ArtifactStore
 
@@ -66,6 +67,7 @@ class Service:
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    require_services()
     home: Path = tmp_path_factory.mktemp("end-to-end")
     with open_stack(home) as stack, uvicorn_server(stack.env) as api:
         stack.start_worker()

@@ -37,8 +37,8 @@ from app.ledger.tables import (
     TrainingRun,
     VersionState,
 )
-from tests.integration.conftest import Stack, pool_processes, wait_for
 from tests.integration.servers import Server, free_port
+from tests.integration.stack import Stack, pool_processes, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.postgres]
 

@@ -25,8 +25,8 @@ def metrics(
         "shadow": {"recall_forget": proportion(tpr_k, 20), "fpr_heldout": proportion(100, 270)},
         "lira": {"at_fpr": {"0.01": at_fpr}},
         "two_version": {
-            "direct_diff": {"auc": auc_with_interval([0.9], [0.1, 0.2])},
-            "basic_mia": {"auc": auc_with_interval([0.1], [0.1, 0.2])},
+            "direct_diff": {"auc": auc_with_interval([0.9] * 20, [0.1, 0.2] * 10)},
+            "basic_mia": {"auc": auc_with_interval([0.1] * 20, [0.1, 0.2] * 10)},
         },
     }
 

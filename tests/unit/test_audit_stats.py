@@ -27,6 +27,12 @@ def test_a_single_sample_gives_a_wide_interval() -> None:
     assert one.low == pytest.approx(0.025) and one.high == 1
 
 
+def test_one_sample_at_the_end_of_the_ranking_proves_nothing() -> None:
+    # Hanley-McNeil alone gives [0, 0] here: one hard sample would "prove" over-unlearning.
+    lowest = auc_with_interval([-5.0], np.linspace(0, 1, 270))
+    assert lowest["value"] == 0 and lowest["low"] == 0 and lowest["high"] == 1
+
+
 def test_auc_interval_narrows_with_more_samples() -> None:
     rng = np.random.default_rng(0)
     small = auc_with_interval(rng.normal(1, 1, 3), rng.normal(0, 1, 300))

@@ -39,8 +39,11 @@ def clopper_pearson(k: int, n: int, confidence: float = CONFIDENCE) -> Proportio
 def auc_with_interval(
     positive: ArrayLike, negative: ArrayLike, confidence: float = CONFIDENCE
 ) -> dict[str, Any]:
-    """ROC AUC (positives scored higher = 1.0) with the Hanley-McNeil (1982) normal interval,
-    which stays defined (and wide) when there is a single positive."""
+    """ROC AUC (positives scored higher = 1.0) with an interval: the wider of Hanley-McNeil's
+    (1982) normal interval and Hoeffding's bound for the mean of the smaller class's placement
+    values (each in [0, 1]). Hanley-McNeil alone collapses to a point at an AUC of 0 or 1,
+    which a single positive always has at the ends of the ranking: F = one unlucky sample
+    would then look like proof. Hoeffding keeps that interval as wide as one sample deserves."""
     pos, neg = np.asarray(positive, float), np.asarray(negative, float)
     if len(pos) == 0 or len(neg) == 0:
         return {"value": None, "low": 0.0, "high": 1.0, "n_pos": len(pos), "n_neg": len(neg)}
@@ -51,7 +54,10 @@ def auc_with_interval(
     variance = (
         auc * (1 - auc) + (len(pos) - 1) * (q1 - auc**2) + (len(neg) - 1) * (q2 - auc**2)
     ) / (len(pos) * len(neg))
-    half = float(norm.ppf(0.5 + confidence / 2)) * math.sqrt(max(variance, 0.0))
+    hanley_mcneil = float(norm.ppf(0.5 + confidence / 2)) * math.sqrt(max(variance, 0.0))
+    smaller = min(len(pos), len(neg))
+    hoeffding = math.sqrt(math.log(2 / (1 - confidence)) / (2 * smaller))
+    half = max(hanley_mcneil, hoeffding)
     return {
         "value": auc,
         "low": max(0.0, auc - half),
