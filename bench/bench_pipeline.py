@@ -6,6 +6,7 @@ samples, plus the same audit, promotion and purge. The ratio of the two is the i
 
     .venv/bin/python -m bench.bench_pipeline                 # ~5 min on 2 cores
     .venv/bin/python -m bench.bench_pipeline --counts 1 --baseline-counts 1
+    .venv/bin/python -m bench.bench_pipeline --train '{"epochs": 40, "batch_size": 16}'
 
 Needs the PostgreSQL and Redis of the tests. Prints a Markdown table and writes
 ``bench/results/pipeline-<time>.json``.
@@ -87,8 +88,8 @@ def run(args: argparse.Namespace) -> list[Measurement]:
         return results
 
 
-def train(stack: Stack, http: httpx.Client) -> None:
-    job = http.post("/train", json={}).json()["links"]["self"]
+def train(stack: Stack, http: httpx.Client, body: dict[str, Any]) -> None:
+    job = http.post("/train", json=body).json()["links"]["self"]
 
     def finished() -> bool:
         return http.get(job).json()["job"]["state"] in ("succeeded", "failed", "dead")
@@ -182,6 +183,7 @@ def main() -> None:
     parser.add_argument("--baseline-counts", type=int, nargs="+", default=[1, 10])
     parser.add_argument("--window", type=float, default=0.5, help="coalescing window, s")
     parser.add_argument("--tick", type=float, default=0.2, help="scheduler interval, s")
+    parser.add_argument("--train", default="{}", help="POST /train body (JSON); {} = defaults")
     args = parser.parse_args()
     print(HEADER, flush=True)
     results = run(args)
