@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> list[Measurement]:
         http = httpx.Client(base_url=api.base_url, headers={"X-API-Key": key}, timeout=30)
         stack.start_scheduler()
         worker = stack.start_worker()
-        train(stack, http)
+        train(stack, http, json.loads(args.train))
         unused = iter(train_samples(stack))
         results = []
         for count in args.counts:
