@@ -14,12 +14,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[worker,ops,dev]"
 	touch $@
 
-# Debian packages for the browser test (chromium, chromium-driver, fonts) and for validating
-# docker-compose.yml (docker-compose: no engine needed). A no-op when present; without root
-# or apt-get the tests that need them skip, saying why.
-SYSTEM_PACKAGES := chromium chromium-driver fonts-liberation docker-compose
+# Debian packages for the browser test (chromium, chromium-driver, fonts), for validating
+# docker-compose.yml (docker-compose: no engine needed) and the load generator of bench_forget
+# (wrk). A no-op when present; without root or apt-get the tests that need them skip, saying why.
+SYSTEM_PACKAGES := chromium chromium-driver fonts-liberation docker-compose wrk
 system-deps:
-	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null && command -v docker-compose >/dev/null; then \
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null && command -v docker-compose >/dev/null && command -v wrk >/dev/null; then \
 		echo "system packages present"; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES); \
@@ -41,8 +41,14 @@ test: system-deps lint
 test-fast: install
 	$(BIN)/pytest -m "not slow"
 
-bench: install
-	$(BIN)/python -m bench.run_all
+# Every benchmark of docs/BENCHMARKS.md with its documented arguments (about an hour on 2 cores;
+# bench_forget needs wrk and bench_pipeline the PostgreSQL and Redis of the tests).
+bench: system-deps install
+	$(BIN)/python -m bench.bench_forget --requests 20000 --concurrency 32 --workers 1 2
+	$(BIN)/python -m bench.bench_pipeline
+	$(BIN)/python bench/bench_training.py --repeats 5 --epochs 5
+	$(BIN)/python bench/bench_rollback.py
+	$(BIN)/python bench/bench_audit.py --out docs/benchmarks
 
 clean:
 	rm -rf $(VENV) lethe-data .pytest_cache .mypy_cache .ruff_cache

@@ -81,6 +81,7 @@ def run(args: argparse.Namespace) -> list[Measurement]:
         worker.stop()
         stack.env["LETHE_LADDER_START"] = "retrain-exact"
         stack.start_worker()
+        measure(stack, http, "warm-up", [next(unused)])  # a new pool process pays its imports
         for count in args.baseline_counts:
             ids = [next(unused) for _ in range(count)]
             results.append(measure(stack, http, "retrain-exact", ids))
