@@ -18,6 +18,7 @@ from celery import Celery
 from kombu.exceptions import KombuError
 from redis.exceptions import RedisError
 
+from app.log_context import task_headers
 from app.settings import Settings, get_settings
 
 RUN_JOB_TASK = "lethe.run_job"
@@ -62,6 +63,7 @@ def _send_to_broker(job_id: int, settings: Settings) -> None:
             RUN_JOB_TASK,
             args=[job_id],
             queue=settings.gpu_queue,
+            headers=task_headers(),  # the HTTP request's ID, for the job's log lines
             # Short: the caller (an HTTP request, the scheduler) must not hang on a dead broker.
             retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
         )

@@ -13,6 +13,7 @@ from celery import Celery, signals
 
 from app.dispatch import RUN_JOB_TASK, broker_transport_options
 from app.ledger.db import get_engine
+from app.logging import configure_logging
 from app.settings import Settings, get_settings
 
 # Warm shutdown (SIGTERM) waits this long for a job before requeueing it: jobs resume from the
@@ -70,6 +71,11 @@ def gpu_for_pool_process(visible_devices: str, index: int) -> str | None:
     """The one GPU (of ``CUDA_VISIBLE_DEVICES``) that pool process ``index`` keeps."""
     devices = [d for d in visible_devices.split(",") if d.strip()]
     return devices[index % len(devices)].strip() if len(devices) > 1 else None
+
+
+@signals.setup_logging.connect
+def _setup_logging(**_kwargs: Any) -> None:
+    configure_logging()  # connected: Celery leaves the root logger to us
 
 
 @signals.worker_process_init.connect

@@ -22,6 +22,7 @@ from app.dispatch import enqueue_job, in_process_runner
 from app.ledger.db import get_engine, session_scope
 from app.ledger.errors import LedgerError
 from app.ledger.jobs import coalesce_pending_requests, sweep_stale_jobs
+from app.logging import configure_logging
 from app.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ def add_scheduler_command(commands: "argparse._SubParsersAction[argparse.Argumen
 
 
 def _scheduler_command(_args: argparse.Namespace) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    configure_logging()
     stop = threading.Event()
 
     def _stop(_signum: int, _frame: FrameType | None) -> None:

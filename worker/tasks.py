@@ -33,6 +33,7 @@ from app.ledger.jobs import (
     succeed_job,
 )
 from app.ledger.tables import JobState
+from app.log_context import TASK_REQUEST_ID, task_log_context
 from app.settings import Settings, get_settings
 from worker.celery_app import celery_app
 from worker.pipeline import JobFailed, run_job
@@ -200,6 +201,7 @@ class JobTask(Task[[int], str]):
     Request = "worker.tasks:JobRequest"
 
 
-@celery_app.task(name=RUN_JOB_TASK, base=JobTask)
-def run_job_task(job_id: int) -> str:
-    return execute_job(job_id)
+@celery_app.task(name=RUN_JOB_TASK, base=JobTask, bind=True)
+def run_job_task(self: JobTask, job_id: int) -> str:
+    with task_log_context(job_id, self.request.get(TASK_REQUEST_ID)):
+        return execute_job(job_id)
