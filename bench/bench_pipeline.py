@@ -4,8 +4,8 @@ the scheduler, Redis, a ``celery worker`` and PostgreSQL, on digits with the sma
 to exact retraining (``LETHE_LADDER_START=retrain-exact``): the same run retrained without the
 samples, plus the same audit, promotion and purge. The ratio of the two is the issue's figure.
 
-    .venv/bin/python -m bench.bench_pipeline                 # ~5 min on 2 cores
-    .venv/bin/python -m bench.bench_pipeline --counts 1 --baseline-counts 1
+    .venv/bin/python -m bench.bench_pipeline                 # ~4 min on 2 cores
+    .venv/bin/python -m bench.bench_pipeline --counts 1 1 1 --baseline-counts 1 1 1
     .venv/bin/python -m bench.bench_pipeline --train '{"epochs": 40, "batch_size": 16}'
 
 Needs the PostgreSQL and Redis of the tests. Prints a Markdown table and writes
@@ -172,16 +172,24 @@ def row(m: Measurement) -> str:
 
 
 def ratios(results: list[Measurement]) -> dict[int, float]:
-    """Exact retraining's time over the ladder's, per request count measured both ways."""
-    ladder = {m.requests: m.seconds for m in results if m.policy == "ladder"}
-    exact = {m.requests: m.seconds for m in results if m.policy == "retrain-exact"}
+    """Exact retraining's median time over the ladder's, per request count measured both ways
+    (a count given several times is measured several times, on fresh samples)."""
+
+    def medians(policy: str) -> dict[int, float]:
+        counts = {m.requests for m in results if m.policy == policy}
+        return {
+            n: median(m.seconds for m in results if (m.policy, m.requests) == (policy, n))
+            for n in counts
+        }
+
+    ladder, exact = medians("ladder"), medians("retrain-exact")
     return {n: exact[n] / ladder[n] for n in ladder.keys() & exact.keys()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--counts", type=int, nargs="+", default=[1, 10, 100])
-    parser.add_argument("--baseline-counts", type=int, nargs="+", default=[1, 10])
+    parser.add_argument("--counts", type=int, nargs="+", default=[1, 1, 1, 10, 100])
+    parser.add_argument("--baseline-counts", type=int, nargs="+", default=[1, 1, 1, 10])
     parser.add_argument("--window", type=float, default=0.5, help="coalescing window, s")
     parser.add_argument("--tick", type=float, default=0.2, help="scheduler interval, s")
     parser.add_argument("--train", default="{}", help="POST /train body (JSON); {} = defaults")

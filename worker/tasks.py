@@ -114,7 +114,9 @@ def execute_job(
     if claim.outcome is not ClaimOutcome.claimed:
         log.info("job %s not run: %s", job_id, claim.outcome.value)
         return claim.outcome.value
+    log.info("job %s (%s) attempt %s started", job_id, claim.job.kind, claim.job.attempts)
     outcome = _run_claimed(engine, job_id, claim.job.attempts, settings)
+    log.info("job %s attempt %s ended %s", job_id, claim.job.attempts, outcome.value)
     if outcome in FINISHED_STATES:
         _hand_over_lineage(engine, job_id, settings)
     return outcome.value

@@ -5,6 +5,7 @@ One stack for the module (training and the audit's cached models take most of a 
 test forgets samples of its own.
 """
 
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -70,13 +71,22 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     require_services()
     home: Path = tmp_path_factory.mktemp("end-to-end")
     with open_stack(home) as stack, uvicorn_server(stack.env) as api:
-        stack.start_worker()
+        worker = stack.start_worker()
         stack.start_scheduler()
         service = Service(stack, api.base_url)
-        accepted = service.http.post("/train", json={"epochs": 5, "batch_size": 32})
+        accepted = service.http.post(
+            "/train", json={"epochs": 5, "batch_size": 32}, headers={"X-Request-ID": "e2e-train"}
+        )
         assert accepted.status_code == 202, accepted.text
         job = service.wait(accepted.json()["links"]["self"], job_finished, 300)
         assert job["job"]["state"] == "succeeded", job
+        # The worker's log lines of the job name the HTTP call that started it.
+        log = worker.log_path.read_text().splitlines()
+        lines = [json.loads(line) for line in log if line.startswith("{")]  # not the banner
+        assert any(
+            line.get("request_id") == "e2e-train" and line.get("job_id") == job["job"]["id"]
+            for line in lines
+        ), worker.log_tail()
         yield service
 
 
