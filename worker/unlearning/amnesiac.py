@@ -33,10 +33,10 @@ from worker.training import (
     load_model,
     model_spec,
     new_version,
-    train_recorded,
 )
 from worker.unlearning.common import (
     continued_config,
+    fine_tune_candidate,
     finish_candidate,
     lineage_runs,
     retained_train_set,
@@ -153,20 +153,18 @@ def amnesiac_rollback(
     rows = step_deltas(session, plan.steps)
     subtract_steps(model, store, rows, device, within(progress, 0, rollback_end))
     if repair_steps:
-        run = train_recorded(
+        fine_tune_candidate(
             session,
             store,
+            parent,
+            version,
             model,
             retained_train_set(session, store, plan.dataset, forget_ids),
             continued_config(session, parent, repair_steps, version.id, repair_lr_scale),
             device,
             kind="repair",
-            dataset=plan.dataset,
-            spec=model_spec(parent),
-            base_version_id=parent.id,
             progress=within(progress, rollback_end, 100),
         )
-        version.run_id = run.run_id
     return finish_candidate(session, store, version, model)
 
 

@@ -4,6 +4,7 @@ data, the training settings to continue with, and the recording of the candidate
 from collections.abc import Sequence
 from dataclasses import replace
 
+import torch
 from sqlalchemy.orm import Session
 from torch import nn
 
@@ -12,7 +13,7 @@ from app.ledger.tables import ModelVersion, Split, TrainingRun, VersionState
 from app.ledger.versions import transition_version
 from worker.data import SampleSet, load_split
 from worker.store import ArtifactStore
-from worker.training import Progress, TrainConfig, store_weights
+from worker.training import Progress, TrainConfig, model_spec, store_weights, train_recorded
 
 
 def weight_lineage(session: Session, version: ModelVersion) -> list[ModelVersion]:
@@ -56,6 +57,37 @@ def retained_train_set(
 ) -> SampleSet:
     """The active training samples outside the forget set."""
     return load_split(session, store, dataset, Split.train, exclude=forget_ids)
+
+
+def fine_tune_candidate(
+    session: Session,
+    store: ArtifactStore,
+    parent: ModelVersion,
+    candidate: ModelVersion,
+    model: nn.Module,
+    data: SampleSet,
+    config: TrainConfig,
+    device: torch.device,
+    *,
+    kind: str,
+    progress: Progress | None = None,
+) -> None:
+    """Trains ``model`` (the parent's weights, changed or not) further on ``data`` as a recorded
+    run based on the parent; the run becomes the candidate's, so it can be rolled back later."""
+    run = train_recorded(
+        session,
+        store,
+        model,
+        data,
+        config,
+        device,
+        kind=kind,
+        dataset=candidate.details["dataset"],
+        spec=model_spec(parent),
+        base_version_id=parent.id,
+        progress=progress,
+    )
+    candidate.run_id = run.run_id
 
 
 def finish_candidate(

@@ -14,9 +14,10 @@ from sqlalchemy.orm import Session
 from app.ledger.tables import ModelVersion, VersionState
 from worker.data import SampleSet, load_samples
 from worker.store import ArtifactStore
-from worker.training import Progress, load_model, model_spec, new_version, train_recorded
+from worker.training import Progress, load_model, model_spec, new_version
 from worker.unlearning.common import (
     continued_config,
+    fine_tune_candidate,
     finish_candidate,
     retained_train_set,
     root_run,
@@ -69,18 +70,16 @@ def relabel_unlearning(
         parent_id=parent.id,
         details={"dataset": dataset, "forget": list(forget_ids), "relabel": vars(config)},
     )
-    run = train_recorded(
+    fine_tune_candidate(
         session,
         store,
+        parent,
+        version,
         model,
         mixed,
         continued_config(session, parent, config.steps, seed_offset=config.seed + version.id),
         device,
         kind="relabel",
-        dataset=dataset,
-        spec=model_spec(parent),
-        base_version_id=parent.id,
         progress=progress,
     )
-    version.run_id = run.run_id
     return finish_candidate(session, store, version, model)

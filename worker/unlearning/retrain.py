@@ -20,6 +20,7 @@ from worker.training import (
 )
 from worker.unlearning.common import (
     continued_config,
+    fine_tune_candidate,
     finish_candidate,
     retained_train_set,
     root_run,
@@ -48,20 +49,18 @@ def naive_retrain(
         parent_id=parent.id,
         details={"dataset": dataset, "forget": list(forget_ids)},
     )
-    run = train_recorded(
+    fine_tune_candidate(
         session,
         store,
+        parent,
+        version,
         model,
         retained_train_set(session, store, dataset, forget_ids),
         continued_config(session, parent, steps, seed_offset=version.id),
         device,
         kind="retrain-naive",
-        dataset=dataset,
-        spec=model_spec(parent),
-        base_version_id=parent.id,
         progress=progress,
     )
-    version.run_id = run.run_id
     return finish_candidate(session, store, version, model)
 
 
