@@ -31,14 +31,16 @@ def metrics(
     }
 
 
-def failed(figures: dict[str, Any], policy: GatePolicy | None = None) -> set[str]:
-    decision = decide(figures, policy or GatePolicy())
+def failed(
+    figures: dict[str, Any], policy: GatePolicy | None = None, method: str = "amnesiac"
+) -> set[str]:
+    decision = decide(figures, policy or GatePolicy(), method)
     assert decision.passed == (not any(not r["passed"] for r in decision.reasons))
     return {r["rule"] for r in decision.reasons if not r["passed"]}
 
 
 def test_figures_like_an_exact_retrain_pass_every_rule() -> None:
-    decision = decide(metrics(), GatePolicy())
+    decision = decide(metrics(), GatePolicy(), "amnesiac")
     assert decision.passed and decision.decision == "pass"
     assert {r["rule"] for r in decision.reasons} == {
         "test_accuracy_drop",
@@ -67,6 +69,13 @@ def test_over_unlearning_is_flagged_not_rewarded() -> None:
 def test_accuracy_drop_beyond_the_policy_fails() -> None:
     assert failed(metrics(drop=1.5)) == {"test_accuracy_drop"}
     assert failed(metrics(drop=1.5), GatePolicy(max_test_accuracy_drop_points=2)) == set()
+
+
+def test_exact_retraining_reports_its_accuracy_drop_unless_the_policy_binds_it() -> None:
+    assert failed(metrics(drop=1.5), method="retrain-exact") == set()
+    binding = GatePolicy(accuracy_binds_exact_retraining=True)
+    assert failed(metrics(drop=1.5), binding, method="retrain-exact") == {"test_accuracy_drop"}
+    assert failed(metrics(drop=1.5), method="relabel") == {"test_accuracy_drop"}
 
 
 def test_two_version_rule_is_enforced_only_when_configured() -> None:

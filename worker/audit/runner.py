@@ -307,7 +307,7 @@ def run_audit(
         **membership.figures,
         **inversion.figures,
     }
-    decision = decide(metrics, policy)
+    decision = decide(metrics, policy, candidate.method)
     metrics = json_safe(
         {
             **{name: {"definition": DEFINITIONS[name], **metrics[name]} for name in DEFINITIONS},
