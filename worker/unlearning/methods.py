@@ -11,6 +11,7 @@ from app.ledger.tables import ModelVersion
 from worker.store import ArtifactStore
 from worker.training import Progress
 from worker.unlearning.amnesiac import amnesiac_rollback
+from worker.unlearning.common import root_run
 from worker.unlearning.relabel import RelabelConfig, relabel_unlearning
 from worker.unlearning.retrain import exact_retrain, naive_retrain
 
@@ -19,9 +20,10 @@ METHODS = ("amnesiac", "amnesiac+repair", "relabel", "retrain-exact", "retrain-n
 
 @dataclass(frozen=True)
 class MethodOptions:
-    # 60 steps at a tenth of the learning rate take a 46-point rollback drop back to 0 on
-    # digits (bench/bench_rollback.py); see the planner's notes.
-    repair_steps: int = 60
+    # None: a tenth of the first run's steps (at least 10). On digits 60 steps, a tenth of the
+    # 570-step run, at a tenth of its learning rate take a 46-point rollback drop back to 0
+    # (bench/bench_rollback.py); see the planner's notes.
+    repair_steps: int | None = None
     relabel: RelabelConfig = field(default_factory=RelabelConfig)
     naive_steps: int | None = None  # None: as many epochs as the first run
 
@@ -38,7 +40,9 @@ def unlearn(
 ) -> ModelVersion:
     """A candidate version: ``parent`` with ``forget_ids`` unlearned by ``method``."""
     if method in ("amnesiac", "amnesiac+repair"):
-        repair = options.repair_steps if method == "amnesiac+repair" else 0
+        repair = 0
+        if method == "amnesiac+repair":
+            repair = options.repair_steps or max(10, root_run(session, parent).num_steps // 10)
         return amnesiac_rollback(
             session, store, parent, forget_ids, device, repair_steps=repair, progress=progress
         )
