@@ -29,7 +29,7 @@ from sqlalchemy import func, or_, select
 from app.ledger.clock import as_utc
 from app.ledger.db import session_scope
 from app.ledger.samples import sample_ids
-from app.ledger.tables import Audit, DeletionRequest, Job, RequestState, Split
+from app.ledger.tables import Audit, DeletionRequest, Job, ModelVersion, RequestState, Split
 from tests.integration.servers import uvicorn_server
 from tests.integration.stack import Stack, open_stack, wait_for
 
@@ -53,7 +53,8 @@ class Measurement:
     request_p50_s: float  # received_at to completed_at, from the ledger
     request_max_s: float
     jobs: int
-    methods: list[str]
+    methods: list[str]  # of the promoted versions
+    rungs: list[str]  # every candidate of the jobs, "method:state", in order
     job_seconds: float  # sum over the jobs of started to finished
     audit_seconds: float  # sum over the audits (the failed rungs' included)
 
@@ -124,7 +125,11 @@ def measure(stack: Stack, http: httpx.Client, policy: str, ids: list[str]) -> Me
             if r.completed_at is not None
         ]
         jobs = session.scalars(select(Job).where(Job.id.in_({r.job_id for r in requests}))).all()
-        audits = session.scalars(select(Audit).where(Audit.job_id.in_([j.id for j in jobs]))).all()
+        job_ids = [j.id for j in jobs]
+        audits = session.scalars(select(Audit).where(Audit.job_id.in_(job_ids))).all()
+        candidates = session.scalars(
+            select(ModelVersion).where(ModelVersion.job_id.in_(job_ids)).order_by(ModelVersion.id)
+        ).all()
         return Measurement(
             policy=policy,
             requests=len(ids),
@@ -133,6 +138,7 @@ def measure(stack: Stack, http: httpx.Client, policy: str, ids: list[str]) -> Me
             request_max_s=max(latencies),
             jobs=len(jobs),
             methods=sorted({str(j.method) for j in jobs}),
+            rungs=[f"{v.method}:{v.state.value}" for v in candidates],
             job_seconds=sum(_span(j.started_at, j.finished_at) for j in jobs),
             audit_seconds=sum(a.metrics["timings"]["total_seconds"] for a in audits),
         )
@@ -158,14 +164,14 @@ def _span(start: datetime | None, end: datetime | None) -> float:
 
 
 HEADER = (
-    "| policy | requests | jobs | method(s) | POST → all certified s | request p50 s "
-    "| request max s | job s | audit s |\n|---|---|---|---|---|---|---|---|---|"
+    "| policy | requests | jobs | candidates (method: state) | POST → all certified s "
+    "| request p50 s | request max s | job s | audit s |\n|---|---|---|---|---|---|---|---|---|"
 )
 
 
 def row(m: Measurement) -> str:
     return (
-        f"| {m.policy} | {m.requests} | {m.jobs} | {', '.join(m.methods)} | {m.seconds:.1f} "
+        f"| {m.policy} | {m.requests} | {m.jobs} | {', '.join(m.rungs)} | {m.seconds:.1f} "
         f"| {m.request_p50_s:.1f} | {m.request_max_s:.1f} | {m.job_seconds:.1f} "
         f"| {m.audit_seconds:.1f} |"
     )
