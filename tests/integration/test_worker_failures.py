@@ -251,6 +251,36 @@ def test_redis_restarted_mid_flight_every_accepted_job_completes(stack: Stack) -
         assert {job_state(stack, j)[0] for j in job_ids} == {JobState.succeeded}
 
 
+def test_redis_restarted_mid_unlearning_every_accepted_request_completes(stack: Stack) -> None:
+    with private_redis(stack) as restart_redis:
+        stack.start_scheduler()
+        stack.start_worker()
+        wait_finished(stack, [start_training(stack)], timeout=180)
+        with session_scope(stack.engine) as session:
+            ids = sample_ids(session, "digits", Split.train)[:3]
+        with session_scope(stack.engine) as session:
+            filed = file_requests(session, ids, actor="test", note=None, deadline_days=30)
+            accepted = [f.request.id for f in filed]
+
+        def request_rows() -> list[DeletionRequest]:
+            with session_scope(stack.engine) as session:
+                rows = session.scalars(
+                    select(DeletionRequest).where(DeletionRequest.id.in_(accepted))
+                )
+                return list(rows)
+
+        wait_for(lambda: all(r.job_id for r in request_rows()), 30, "the scheduler")
+        (job_id,) = {r.job_id for r in request_rows()}
+        wait_running(stack, int(job_id))  # building the audit's models: a long job
+        restart_redis()  # the unacknowledged message is gone with the broker's memory
+
+        def certified() -> bool:
+            return all(r.certificate is not None for r in request_rows())
+
+        wait_for(certified, 300, "every accepted request to complete")
+        assert {r.state for r in request_rows()} == {RequestState.completed}
+
+
 def test_a_burst_of_requests_coalesces_into_few_jobs(stack: Stack) -> None:
     stack.start_scheduler()
     started = time.monotonic()
