@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from app.cli import add_app_commands
 from app.ledger.errors import LedgerError
 from worker.commands import add_worker_commands
+from worker.demo import add_demo_command
 from worker.scheduler import add_scheduler_command
 
 
@@ -17,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_app_commands(commands)
     add_worker_commands(commands)
     add_scheduler_command(commands)
+    add_demo_command(commands)
     return parser
 
 
