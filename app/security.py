@@ -29,13 +29,19 @@ class KeyVerifier:
         self._cache: dict[str, tuple[float, Principal | None]] = {}
         self._lock = Lock()
 
-    def verify(self, key: str) -> Principal | None:
-        digest = hash_key(key)
-        now = time.monotonic()
+    def cached(self, key: str) -> tuple[bool, Principal | None]:
+        """(True, the verdict) when a fresh one is cached, else (False, None): no I/O."""
         with self._lock:
-            cached = self._cache.get(digest)
-        if cached and cached[0] > now:
-            return cached[1]
+            cached = self._cache.get(hash_key(key))
+        if cached and cached[0] > time.monotonic():
+            return True, cached[1]
+        return False, None
+
+    def verify(self, key: str) -> Principal | None:
+        hit, principal = self.cached(key)
+        if hit:
+            return principal
+        digest, now = hash_key(key), time.monotonic()
         with open_session(self._engine) as session:
             found = find_active_key(session, key)
             principal = Principal(found.id, found.name, frozenset(found.scopes)) if found else None

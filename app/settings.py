@@ -45,7 +45,9 @@ class Settings(BaseSettings):
         default=3, description="Give up on the database after this; the API answers 503"
     )
     db_pool_size: int = Field(
-        default=10, description="Connections per process (and as many again on overflow)"
+        default=20,
+        description="Connections per process, and as many again on overflow: together as many "
+        "as the threads that serve requests (40), so that none waits for a connection",
     )
     retry_after_seconds: int = Field(default=5, description="Retry-After sent with 503")
 
