@@ -287,7 +287,7 @@ def copy_artifacts(store: ArtifactStore, artifacts: dict[str, str], out: Path) -
     images = out / "img"
     images.mkdir(exist_ok=True)
     for name, key in artifacts.items():
-        if name.startswith("roc_") or name in {"unlearning_inversion.png", "inversion_class_0.png"}:
+        if name.startswith("roc") or name in {"unlearning_inversion.png", "inversion_class_0.png"}:
             (images / f"audit_{name}").write_bytes(store.get_bytes(key))
 
 
