@@ -52,8 +52,17 @@ def add_worker_commands(commands: "argparse._SubParsersAction[argparse.ArgumentP
     forget.add_argument("sample_ids", nargs="+", metavar="SAMPLE_ID")
     forget.add_argument(
         "--method",
-        choices=("amnesiac", "amnesiac+repair", "relabel", "retrain-exact", "retrain-naive"),
+        # Spelled out: importing worker.unlearning would load torch for every command.
+        choices=(
+            "amnesiac",
+            "amnesiac+repair",
+            "relabel",
+            "retrain-exact",
+            "retrain-naive",
+            "retrain",
+        ),
         default="amnesiac",
+        help="retrain is short for retrain-exact",
     )
     forget.add_argument("--version", help="parent version; default: the serving one")
     forget.add_argument("--repair-steps", type=int, help="amnesiac+repair: fine-tune steps")
@@ -165,4 +174,5 @@ def _run_method(
     relabel = RelabelConfig(**_given(args, {"copies": "copies", "relabel_steps": "steps"}))
     given = _given(args, {"repair_steps": "repair_steps", "naive_steps": "naive_steps"})
     options = MethodOptions(relabel=relabel, **given)
-    return unlearn(session, store, parent, args.sample_ids, args.method, device, options, progress)
+    method = "retrain-exact" if args.method == "retrain" else args.method
+    return unlearn(session, store, parent, args.sample_ids, method, device, options, progress)
