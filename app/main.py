@@ -3,6 +3,7 @@
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
+import anyio
 from fastapi import FastAPI
 from prometheus_fastapi_instrumentator import Instrumentator
 from sqlalchemy import Engine
@@ -62,6 +63,9 @@ def create_app(
     app.state.settings = settings
     app.state.engine = engine
     app.state.key_verifier = KeyVerifier(engine, settings.api_key_cache_seconds)
+    # Threads that may hold a connection for POST /forget/{sample_id} at once: no more than the
+    # pool keeps open, so that the busiest call never opens (and closes) an overflow connection.
+    app.state.ledger_limiter = anyio.CapacityLimiter(settings.db_pool_size)
     app.state.enqueue = enqueue or _default_enqueue(settings)
     install_error_handlers(app)
     for module in (forget, audit, models, jobs, stats, health, dashboard):

@@ -13,7 +13,9 @@ from app.ledger.db import open_session
 from app.security import KeyVerifier, Principal
 from app.settings import Settings
 
-api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False)
+API_KEY_HEADER = "X-API-Key"
+FORGET_WRITE = "forget:write"
+api_key_header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False)
 
 
 def get_session(request: Request) -> Iterator[Session]:
@@ -29,6 +31,14 @@ async def get_settings_dep(request: Request) -> Settings:  # async: no thread ho
 
 SessionDep = Annotated[Session, Depends(get_session)]
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+
+
+def cached_principal(request: Request, key: str, scope: str) -> Principal | None:
+    """The key's principal when its verdict is cached and grants ``scope``; else None, and the
+    caller goes through ``require(scope)``, which looks the key up or refuses it."""
+    verifier: KeyVerifier = request.app.state.key_verifier
+    hit, principal = verifier.cached(key)
+    return principal if hit and principal is not None and scope in principal.scopes else None
 
 
 def require(scope: str) -> Callable[..., Awaitable[Principal]]:
@@ -51,7 +61,7 @@ def require(scope: str) -> Callable[..., Awaitable[Principal]]:
     return check
 
 
-ForgetWriter = Annotated[Principal, Depends(require("forget:write"))]
+ForgetWriter = Annotated[Principal, Depends(require(FORGET_WRITE))]
 StatusReader = Annotated[Principal, Depends(require("status:read"))]
 AuditReader = Annotated[Principal, Depends(require("audit:read"))]
 ModelsAdmin = Annotated[Principal, Depends(require("models:admin"))]

@@ -8,6 +8,7 @@ from typing import Any, cast
 
 from sqlalchemy import CursorResult, Engine, Result, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.settings import Settings, get_settings
@@ -72,3 +73,51 @@ def open_session(engine: Engine | None = None) -> Session:
 def affected_rows(result: Result[Any]) -> int:
     """Rows an UPDATE or DELETE touched: the count a compare-and-set checks."""
     return cast(CursorResult[Any], result).rowcount
+
+
+def run_driver_statement(
+    engine: Engine, statement: str, parameters: dict[str, Any]
+) -> list[tuple[Any, ...]]:
+    """Runs one statement in autocommit on a pooled connection, straight through the driver
+    (no SQLAlchemy Connection or Session around it: on the hot path they cost more CPU than the
+    statement); returns its rows once PostgreSQL has committed it.
+
+    For statements that may run twice: a connection found dead (the server restarted) is
+    discarded with every connection of its generation, and the statement is run once more on a
+    new one. Driver errors leave as SQLAlchemy's (OperationalError, DataError, ...), as from
+    any other query, so the API's error handlers answer them the same way.
+    """
+    dbapi_error = engine.dialect.loaded_dbapi.Error
+    for attempt in (1, 2):
+        pooled = None
+        try:
+            pooled = engine.raw_connection()
+            connection: Any = pooled.driver_connection
+            connection.autocommit = True
+            try:
+                with connection.cursor() as cursor:
+                    cursor.execute(statement, parameters)
+                    return cursor.fetchall() if cursor.description else []
+            finally:
+                if not connection.closed:
+                    connection.autocommit = False
+        except dbapi_error as error:
+            disconnected = pooled is not None and engine.dialect.is_disconnect(
+                error, pooled.driver_connection, None
+            )
+            if disconnected and pooled is not None:
+                engine.pool._invalidate(pooled, error)  # as SQLAlchemy does on a disconnect
+                if attempt == 1:
+                    continue
+            raise DBAPIError.instance(
+                statement,
+                parameters,
+                error,
+                dbapi_error,
+                connection_invalidated=disconnected,
+                dialect=engine.dialect,
+            ) from error
+        finally:
+            if pooled is not None:
+                pooled.close()
+    raise AssertionError("unreachable")

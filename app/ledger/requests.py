@@ -1,32 +1,117 @@
 """Deletion requests: create (at most one live request per sample), read, list, transition."""
 
 import base64
+import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import and_, bindparam, or_, select, update
+from sqlalchemy import Engine, and_, bindparam, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.ledger.clock import as_utc, utcnow
-from app.ledger.db import affected_rows
+from app.ledger.db import affected_rows, open_session, run_driver_statement
 from app.ledger.errors import Invalid, NotFound, StateConflict
 from app.ledger.events import record_event
 from app.ledger.tables import (
     LIVE_REQUEST_STATES,
     OPEN_REQUEST_STATES,
     DeletionRequest,
+    Job,
     RequestState,
     Sample,
 )
+from app.ledger.versions import version_names
 
 
 @dataclass(frozen=True)
 class Filed:
     request: DeletionRequest
     created: bool
+
+
+@dataclass(frozen=True, slots=True)
+class JobView:
+    id: int
+    kind: str
+    state: str
+    progress: int
+    attempts: int
+    method: str | None
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class RequestView:
+    """A deletion request as its caller sees it, with its job and the model version that
+    completed it: plain values, detached from any session."""
+
+    id: str
+    sample_id: str
+    state: RequestState
+    received_at: datetime
+    deadline: datetime
+    updated_at: datetime
+    completed_at: datetime | None
+    error: str | None
+    certificate: dict[str, Any] | None
+    job: JobView | None
+    completed_in_version: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class FiledView:
+    request: RequestView
+    created: bool
+
+
+def request_views(session: Session, requests: Sequence[DeletionRequest]) -> list[RequestView]:
+    """Each request with its job and completing version (two lookups in all, only if needed)."""
+    job_ids = {r.job_id for r in requests if r.job_id is not None}
+    jobs = (
+        {job.id: job for job in session.scalars(select(Job).where(Job.id.in_(job_ids)))}
+        if job_ids
+        else {}
+    )  # app.ledger.jobs imports this module, so not its jobs_by_id
+    versions = version_names(
+        session, {r.completed_version_id for r in requests if r.completed_version_id is not None}
+    )
+    views = []
+    for r in requests:
+        job = jobs.get(r.job_id) if r.job_id is not None else None
+        views.append(
+            RequestView(
+                id=r.id,
+                sample_id=r.sample_id,
+                state=r.state,
+                received_at=as_utc(r.received_at),
+                deadline=as_utc(r.deadline),
+                updated_at=as_utc(r.updated_at),
+                completed_at=as_utc(r.completed_at) if r.completed_at else None,
+                error=r.error,
+                certificate=r.certificate,
+                job=(
+                    JobView(
+                        id=job.id,
+                        kind=job.kind.value,
+                        state=job.state.value,
+                        progress=job.progress,
+                        attempts=job.attempts,
+                        method=job.method,
+                        error=job.error,
+                    )
+                    if job
+                    else None
+                ),
+                completed_in_version=(
+                    versions.get(r.completed_version_id) if r.completed_version_id else None
+                ),
+            )
+        )
+    return views
 
 
 # Built once: composing it per call cost about as much CPU as running it.
@@ -108,6 +193,118 @@ def file_requests(
             for sid, found in existing.items()
         ]
     raise StateConflict("could not file the requests after repeated concurrent conflicts")
+
+
+_LIVE_STATES_SQL = ", ".join(f"'{state.value}'" for state in LIVE_REQUEST_STATES)
+
+# POST /forget/{sample_id} on PostgreSQL: the same rules as file_requests for one sample, as one
+# statement run in autocommit, so one round trip files the request and its audit event in one
+# transaction (or finds the live request, with its job and version, or finds no sample at all).
+# No row: unknown sample. created = 1: filed now. created = 0 with a request: the live one.
+# created = 0 without one: a concurrent POST filed it after this statement's snapshot was taken
+# (the insert met its row on the partial unique index): run again to read it back.
+# Prepared by psycopg after a few runs on a connection, so PostgreSQL plans it only then.
+_FILE_ONE_POSTGRES = f"""
+WITH sample AS (
+    SELECT sample_id FROM samples WHERE sample_id = %(sample_id)s
+), live AS (
+    SELECT id, state, received_at, deadline, updated_at, completed_at, error, certificate,
+        job_id, completed_version_id
+    FROM deletion_requests
+    WHERE sample_id = %(sample_id)s AND state IN ({_LIVE_STATES_SQL})
+), filed AS (
+    INSERT INTO deletion_requests
+        (id, sample_id, received_at, updated_at, deadline, state, requester_note, requested_by)
+    SELECT %(id)s, sample_id, %(now)s, %(now)s, %(deadline)s, %(state)s, %(note)s, %(actor)s
+    FROM sample
+    WHERE NOT EXISTS (SELECT FROM live)
+    ON CONFLICT (sample_id) WHERE state IN ({_LIVE_STATES_SQL}) DO NOTHING
+    RETURNING id
+), event AS (
+    INSERT INTO audit_events (at, actor, action, target, outcome, details)
+    SELECT %(now)s, %(actor)s, 'forget.request', %(sample_id)s, 'ok', %(details)s::json
+    FROM filed
+)
+SELECT (SELECT count(*) FROM filed) AS created,
+    live.id, live.state, live.received_at, live.deadline, live.updated_at, live.completed_at,
+    live.error, live.certificate,
+    job.id, job.kind, job.state, job.progress, job.attempts, job.method, job.error,
+    version.version
+FROM sample
+LEFT JOIN live ON true
+LEFT JOIN jobs AS job ON job.id = live.job_id
+LEFT JOIN model_versions AS version ON version.id = live.completed_version_id
+"""
+
+
+def file_request(
+    engine: Engine, sample_id: str, *, actor: str, note: str | None, deadline_days: int
+) -> FiledView:
+    """file_requests for one sample, straight from an engine, answered as a view.
+
+    On PostgreSQL one statement in one round trip; elsewhere (SQLite) file_requests itself.
+    """
+    if engine.dialect.name != "postgresql":
+        with open_session(engine) as session:
+            (filed,) = file_requests(
+                session, [sample_id], actor=actor, note=note, deadline_days=deadline_days
+            )
+            (view,) = request_views(session, [filed.request])
+            return FiledView(view, filed.created)
+    for _attempt in range(3):
+        now = utcnow()
+        request_id = str(uuid.uuid4())
+        deadline = now + timedelta(days=deadline_days)
+        rows = run_driver_statement(
+            engine,
+            _FILE_ONE_POSTGRES,
+            {
+                "sample_id": sample_id,
+                "id": request_id,
+                "now": now,
+                "deadline": deadline,
+                "state": RequestState.pending.value,
+                "note": note,
+                "actor": actor,
+                "details": json.dumps({"request_id": request_id}),
+            },
+        )
+        if not rows:
+            raise NotFound(f"unknown sample(s): {sample_id}")
+        created, rid, state, received, due, updated, completed, error, certificate, *rest = rows[0]
+        job, version = rest[:7], rest[7]
+        if created:
+            view = RequestView(
+                id=request_id,
+                sample_id=sample_id,
+                state=RequestState.pending,
+                received_at=now,
+                deadline=deadline,
+                updated_at=now,
+                completed_at=None,
+                error=None,
+                certificate=None,
+                job=None,
+                completed_in_version=None,
+            )
+            return FiledView(view, True)
+        if rid is None:
+            continue  # lost the race to a concurrent POST: read its request back
+        view = RequestView(
+            id=rid,
+            sample_id=sample_id,
+            state=RequestState(state),
+            received_at=as_utc(received),
+            deadline=as_utc(due),
+            updated_at=as_utc(updated),
+            completed_at=as_utc(completed) if completed else None,
+            error=error,
+            certificate=certificate,
+            job=JobView(*job) if job[0] is not None else None,
+            completed_in_version=version,
+        )
+        return FiledView(view, False)
+    raise StateConflict("could not file the request after repeated concurrent conflicts")
 
 
 def get_request(session: Session, request_id: str) -> DeletionRequest:

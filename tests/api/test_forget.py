@@ -8,8 +8,10 @@ from sqlalchemy import func, select, update
 from app.ledger import idempotency
 from app.ledger.clock import utcnow
 from app.ledger.db import open_session, session_scope
-from app.ledger.requests import transition_requests
-from app.ledger.tables import AuditEvent, DeletionRequest, RequestState
+from app.ledger.jobs import coalesce_pending_requests
+from app.ledger.requests import attach_certificate, transition_requests
+from app.ledger.tables import AuditEvent, DeletionRequest, RequestState, VersionState
+from app.ledger.versions import create_version
 from tests.api.conftest import Api
 
 
@@ -227,3 +229,50 @@ def test_bad_list_parameters_are_422(api: Api, query: str) -> None:
     response = api.client.get(f"/forget/requests?{query}", headers=api.headers())
     assert response.status_code == 422
     assert response.headers["content-type"] == "application/problem+json"
+
+
+def test_a_repeat_answers_what_the_request_resource_says(api: Api) -> None:
+    """The plain POST (no body, no Idempotency-Key, a cached key) takes the fast lane; its
+    answer for a request with a job, a completing version and a certificate is the resource's."""
+    first = api.client.post("/forget/toy-031", headers=api.headers())
+    assert first.status_code == 202
+    request_id = first.json()["request_id"]
+    assert (
+        first.json()
+        == api.client.get(f"/forget/requests/{request_id}", headers=api.headers()).json()
+    )
+    with session_scope(api.engine) as session:
+        job = coalesce_pending_requests(
+            session, window_seconds=0, max_requests=10, max_attempts=3, actor="test"
+        )
+        assert job is not None
+        version = create_version(session, method="amnesiac", state=VersionState.candidate)
+        transition_requests(
+            session,
+            [request_id],
+            RequestState.processing,
+            RequestState.completed,
+            completed_version_id=version.id,
+        )
+        attach_certificate(session, request_id, {"sample_id": "toy-031", "signed": "yes"})
+    for body in (None, {"note": "again"}):  # the fast lane, then FastAPI's own path
+        again = api.client.post("/forget/toy-031", headers=api.headers(), json=body)
+        assert again.status_code == 200
+        assert again.headers["content-type"] == "application/json"
+        resource = api.client.get(f"/forget/requests/{request_id}", headers=api.headers())
+        assert again.json() == resource.json()
+        assert again.json()["job"]["kind"] == "unlearn"
+        assert set(again.json()["links"]) == {"self", "audit", "certificate"}
+    assert count_requests(api, "toy-031") == 1
+
+
+def test_a_key_not_yet_cached_is_looked_up_then_served(api: Api) -> None:
+    verifier = api.client.app.state.key_verifier  # type: ignore[attr-defined]
+    verifier.forget_cached()
+    for sample in ("toy-032", "toy-033"):  # a lookup first, then the cached verdict
+        response = api.client.post(f"/forget/{sample}", headers=api.headers("forget:write"))
+        assert response.status_code == 202
+    refused = api.client.post("/forget/toy-034", headers=api.headers("status:read"))
+    assert refused.status_code == 403  # cached, but without the scope: refused as before
+    assert refused.headers["content-type"] == "application/problem+json"
+    assert count_requests(api, "toy-034") == 0

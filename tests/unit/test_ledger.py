@@ -1,9 +1,17 @@
 """Ledger operations: membership both ways, guarded transitions, alias history, keys."""
 
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+
 import pytest
+from sqlalchemy import Engine, create_engine, func, select, text
 from sqlalchemy.orm import Session
 
-from app.ledger.errors import Invalid, StateConflict
+from app.ledger.db import make_engine, open_session, session_scope
+from app.ledger.errors import Invalid, NotFound, StateConflict
 from app.ledger.keys import create_key, find_active_key, hash_key, list_keys
 from app.ledger.provenance import (
     DeltaRecord,
@@ -15,9 +23,16 @@ from app.ledger.provenance import (
     samples_in_step,
     steps_of_samples,
 )
-from app.ledger.requests import file_requests, transition_requests
+from app.ledger.requests import FiledView, file_request, file_requests, transition_requests
 from app.ledger.samples import SampleRecord, register_samples, set_sample_state
-from app.ledger.tables import RequestState, SampleState, Split, VersionState
+from app.ledger.tables import (
+    AuditEvent,
+    DeletionRequest,
+    RequestState,
+    SampleState,
+    Split,
+    VersionState,
+)
 from app.ledger.versions import alias_history, alias_target, create_version, promote
 
 
@@ -115,3 +130,102 @@ def test_keys_are_stored_hashed(session: Session) -> None:
     assert find_active_key(session, key) is not None
     with pytest.raises(Invalid):
         create_key(session, "bad", ["root"], actor="t")
+
+
+@pytest.fixture
+def pg_engine(postgres_url: str) -> Iterator[Engine]:
+    engine = make_engine(postgres_url)
+    yield engine
+    engine.dispose()
+
+
+def pg_samples(engine: Engine, n: int) -> list[str]:
+    ids = [f"pg-{uuid.uuid4().hex[:12]}" for _ in range(n)]
+    with session_scope(engine) as session:
+        register_samples(session, "pg", [SampleRecord(i, Split.train, 0, "0" * 64) for i in ids])
+    return ids
+
+
+def forget_events(engine: Engine, sample_id: str) -> int:
+    query = select(func.count()).where(
+        AuditEvent.action == "forget.request", AuditEvent.target == sample_id
+    )
+    with open_session(engine) as session:
+        return session.scalar(query) or 0
+
+
+@pytest.mark.postgres
+def test_file_request_in_one_statement_follows_file_requests(pg_engine: Engine) -> None:
+    """PostgreSQL's one-statement path: filed with its event, found again, 404, not live."""
+    sample, other = pg_samples(pg_engine, 2)
+    first = file_request(pg_engine, sample, actor="t", note="n", deadline_days=30)
+    assert first.created and first.request.state is RequestState.pending
+    again = file_request(pg_engine, sample, actor="t", note=None, deadline_days=30)
+    assert not again.created
+    assert again.request.id == first.request.id
+    assert again.request.received_at == first.request.received_at
+    assert again.request.deadline - again.request.received_at == timedelta(days=30)
+    assert forget_events(pg_engine, sample) == 1
+    with session_scope(pg_engine) as session:
+        row = session.get(DeletionRequest, first.request.id)
+        assert row is not None and row.requester_note == "n" and row.requested_by == "t"
+        transition_requests(session, [row.id], RequestState.pending, RequestState.failed)
+    retried = file_request(pg_engine, sample, actor="t", note=None, deadline_days=30)
+    assert retried.created and retried.request.id != first.request.id  # failed is not live
+    assert forget_events(pg_engine, sample) == 2
+    with pytest.raises(NotFound):
+        file_request(pg_engine, f"{other}-unknown", actor="t", note=None, deadline_days=30)
+
+
+@pytest.mark.postgres
+def test_file_request_that_loses_a_race_returns_the_winner(pg_engine: Engine) -> None:
+    """A concurrent insert for the same sample commits while this statement waits on the
+    unique index: the statement files nothing and runs again to read the winner back."""
+    (sample,) = pg_samples(pg_engine, 1)
+    results: list[object] = []
+    with pg_engine.connect() as winner:
+        winner.execute(
+            text(
+                "INSERT INTO deletion_requests (id, sample_id, received_at, updated_at, deadline,"
+                " state, requested_by) VALUES (:id, :s, now(), now(), now(), 'pending', 'w')"
+            ),
+            {"id": f"won-{sample}", "s": sample},
+        )  # not yet committed: the loser's insert waits for it on the unique index
+        loser = threading.Thread(
+            target=lambda: results.append(
+                file_request(pg_engine, sample, actor="l", note=None, deadline_days=30)
+            )
+        )
+        loser.start()
+        time.sleep(0.5)
+        assert not results  # still waiting
+        winner.commit()
+    loser.join(10)
+    (filed,) = results
+    assert isinstance(filed, FiledView)
+    assert not filed.created and filed.request.id == f"won-{sample}"
+    assert forget_events(pg_engine, sample) == 0  # the loser recorded nothing
+
+
+@pytest.mark.postgres
+def test_file_request_survives_a_dropped_connection(postgres_url: str) -> None:
+    """A pooled connection whose backend died (a restarted server) is discarded, with the rest
+    of its generation, and the statement runs again on a new one: the caller sees no error.
+    (No pre-ping here, so that the dead connection reaches the statement.)"""
+    engine = create_engine(postgres_url, pool_size=2, max_overflow=0)
+    first, second = pg_samples(engine, 2)
+    with engine.connect() as doomed, engine.connect() as killer:
+        pid = doomed.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+        doomed.rollback()
+        doomed.close()  # back to the pool, first in line
+        killer.exec_driver_sql(f"SELECT pg_terminate_backend({pid})")
+        killer.commit()
+    try:
+        filed = file_request(engine, first, actor="t", note=None, deadline_days=30)
+        assert filed.created
+        with engine.connect() as connection:
+            assert connection.exec_driver_sql("SELECT pg_backend_pid()").scalar() != pid
+        assert file_request(engine, second, actor="t", note=None, deadline_days=30).created
+        assert forget_events(engine, first) == forget_events(engine, second) == 1
+    finally:
+        engine.dispose()
