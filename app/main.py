@@ -13,7 +13,7 @@ from app.api.errors import install_error_handlers
 from app.ledger.db import make_engine, session_scope
 from app.ledger.keys import SCOPES, register_key
 from app.logging import configure_logging
-from app.metrics import metrics_registry
+from app.metrics import HttpMetrics, HttpMetricsMiddleware, metrics_registry
 from app.middleware import RequestIdMiddleware
 from app.security import KeyVerifier
 from app.settings import Settings, get_settings
@@ -71,8 +71,9 @@ def create_app(
     for module in (forget, audit, models, jobs, stats, health, dashboard):
         app.include_router(module.router)
     registry = metrics_registry(lambda: app.state.engine)
-    Instrumentator(excluded_handlers=["/metrics"], registry=registry).instrument(app).expose(
-        app, include_in_schema=False
+    Instrumentator(registry=registry).expose(app, include_in_schema=False)  # GET /metrics
+    app.add_middleware(
+        HttpMetricsMiddleware, metrics=HttpMetrics(registry), excluded=frozenset({"/metrics"})
     )
     app.add_middleware(RequestIdMiddleware)  # added last: outermost, so every line has the ID
     return app

@@ -135,3 +135,23 @@ def test_task_log_context_binds_job_and_request_ids_for_the_task_only() -> None:
     with task_log_context(8, None):
         assert structlog.contextvars.get_contextvars() == {"job_id": 8}
     assert structlog.contextvars.get_contextvars() == {}
+
+
+def test_http_metrics_by_route_template_status_class_and_method(api: Api) -> None:
+    for sample in ("toy-001", "toy-001", "ghost"):
+        api.client.post(f"/forget/{sample}", headers=api.headers())
+    api.client.get("/nowhere")
+    api.client.get("/forget/toy-001", headers=api.headers())  # 405: the route, not "none"
+    scrape(api)
+    samples = scrape(api)
+    forget = "/forget/{sample_id:sample_id}"
+    total = "http_requests_total"
+    assert samples[(total, (("handler", forget), ("method", "POST"), ("status", "2xx")))] == 2
+    assert samples[(total, (("handler", forget), ("method", "POST"), ("status", "4xx")))] == 1
+    assert samples[(total, (("handler", forget), ("method", "GET"), ("status", "4xx")))] == 1
+    assert samples[(total, (("handler", "none"), ("method", "GET"), ("status", "4xx")))] == 1
+    assert not [labels for name, labels in samples if ("handler", "/metrics") in labels]
+    count = "http_request_duration_seconds_count"
+    assert samples[(count, (("handler", forget), ("method", "POST")))] == 3
+    assert samples[("http_request_duration_highr_seconds_count", ())] == 5
+    assert samples[("http_response_size_bytes_sum", (("handler", forget),))] > 0
