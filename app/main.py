@@ -1,9 +1,9 @@
 """create_app(): the HTTP service over the ledger."""
 
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
-import anyio
 from fastapi import FastAPI
 from prometheus_fastapi_instrumentator import Instrumentator
 from sqlalchemy import Engine
@@ -51,7 +51,11 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         _register_bootstrap_key(engine, settings)
-        yield
+        # The threads POST /forget/{sample_id} files requests on: no more than the pool keeps
+        # connections, so that the busiest call never opens (and closes) an overflow one.
+        with ThreadPoolExecutor(settings.db_pool_size, "lethe-ledger") as executor:
+            app.state.ledger_executor = executor
+            yield
         engine.dispose()
 
     app = FastAPI(
@@ -63,9 +67,6 @@ def create_app(
     app.state.settings = settings
     app.state.engine = engine
     app.state.key_verifier = KeyVerifier(engine, settings.api_key_cache_seconds)
-    # Threads that may hold a connection for POST /forget/{sample_id} at once: no more than the
-    # pool keeps open, so that the busiest call never opens (and closes) an overflow connection.
-    app.state.ledger_limiter = anyio.CapacityLimiter(settings.db_pool_size)
     app.state.enqueue = enqueue or _default_enqueue(settings)
     install_error_handlers(app)
     for module in (forget, audit, models, jobs, stats, health, dashboard):
