@@ -1,5 +1,6 @@
 """Engine and sessions. Every other module receives a Session; none creates an engine."""
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -8,13 +9,23 @@ from typing import Any, cast
 
 from sqlalchemy import CursorResult, Engine, Result, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, InvalidatePoolError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.settings import Settings, get_settings
 
 
-def make_engine(url: str, settings: Settings | None = None) -> Engine:
+def make_engine(
+    url: str, settings: Settings | None = None, *, ping_after_idle: float | None = None
+) -> Engine:
+    """An engine for ``url``; on a server, a pool of ``db_pool_size`` connections (and as many
+    again on overflow) that checks a connection is alive before handing it out.
+
+    ``ping_after_idle`` (seconds): check only a connection that has been idle longer than that
+    (pool_pre_ping checks every one, a round trip per checkout). A connection that dies while
+    in use is then caught when used: SQLAlchemy replaces every connection of its generation, and
+    run_driver_statement runs its statement again on a new one.
+    """
     settings = settings or get_settings()
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -23,14 +34,39 @@ def make_engine(url: str, settings: Settings | None = None) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(
+    engine = create_engine(
         url,
-        pool_pre_ping=True,
+        pool_pre_ping=ping_after_idle is None,
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_pool_size,
         pool_timeout=settings.db_connect_timeout_seconds,
         connect_args={"connect_timeout": settings.db_connect_timeout_seconds},
     )
+    if ping_after_idle is not None:
+        _ping_after_idle(engine, ping_after_idle)
+    return engine
+
+
+def _ping_after_idle(engine: Engine, seconds: float) -> None:
+    dialect = engine.dialect
+
+    def checked_in(_dbapi_connection: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    def checked_out(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        idle_since = record.info.get("idle_since")
+        if idle_since is None or time.monotonic() - idle_since <= seconds:
+            return  # fresh, or in steady use
+        try:
+            dialect.do_ping(dbapi_connection)
+        except dialect.loaded_dbapi.Error as error:
+            if dialect.is_disconnect(error, dbapi_connection, None):
+                # as pool_pre_ping does: this connection and every older one are replaced
+                raise InvalidatePoolError() from error
+            raise
+
+    event.listen(engine, "checkin", checked_in)
+    event.listen(engine, "checkout", checked_out)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

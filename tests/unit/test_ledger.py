@@ -7,7 +7,8 @@ from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import Engine, create_engine, func, select, text
+from sqlalchemy import Engine, NullPool, create_engine, func, select, text
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from app.ledger.db import make_engine, open_session, session_scope
@@ -229,3 +230,31 @@ def test_file_request_survives_a_dropped_connection(postgres_url: str) -> None:
         assert forget_events(engine, first) == forget_events(engine, second) == 1
     finally:
         engine.dispose()
+
+
+def _terminate(postgres_url: str, pid: int) -> None:
+    killer = create_engine(postgres_url, poolclass=NullPool)
+    with killer.connect() as connection:
+        connection.exec_driver_sql(f"SELECT pg_terminate_backend({pid})")
+        connection.commit()
+    killer.dispose()
+
+
+@pytest.mark.postgres
+def test_a_connection_idle_for_long_is_checked_before_use(postgres_url: str) -> None:
+    """ping_after_idle: an idle connection is pinged and replaced if dead; one in steady use is
+    not pinged, so its death shows when it is used (and the pool is renewed)."""
+    for idle_after, reused_dead in ((0.0, False), (3600.0, True)):
+        engine = make_engine(postgres_url, ping_after_idle=idle_after)
+        try:
+            with engine.connect() as connection:
+                pid = connection.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+            _terminate(postgres_url, pid)
+            time.sleep(0.1)
+            if reused_dead:
+                with pytest.raises(OperationalError), engine.connect() as connection:
+                    connection.exec_driver_sql("SELECT 1")
+            with engine.connect() as connection:
+                assert connection.exec_driver_sql("SELECT pg_backend_pid()").scalar() != pid
+        finally:
+            engine.dispose()
