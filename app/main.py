@@ -1,7 +1,6 @@
 """create_app(): the HTTP service over the ledger."""
 
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -56,11 +55,10 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         _register_bootstrap_key(engine, settings)
-        # The threads POST /forget/{sample_id} files requests on: no more than the pool keeps
-        # connections, so that the busiest call never opens (and closes) an overflow one.
-        with ThreadPoolExecutor(settings.db_pool_size, "lethe-ledger") as executor:
-            app.state.ledger_executor = executor
-            yield
+        yield
+        pools, app.state.statement_pools = app.state.statement_pools, {}
+        for pool in pools.values():
+            await pool.close()
         engine.dispose()
 
     app = FastAPI(
@@ -72,6 +70,7 @@ def create_app(
     app.state.settings = settings
     app.state.engine = engine
     app.state.key_verifier = KeyVerifier(engine, settings.api_key_cache_seconds)
+    app.state.statement_pools = {}  # engine -> StatementPool, see app.api.deps.statement_pool
     app.state.enqueue = enqueue or _default_enqueue(settings)
     install_error_handlers(app)
     for module in (forget, audit, models, jobs, stats, health, dashboard):

@@ -6,10 +6,11 @@ from typing import Annotated
 from fastapi import Depends, Request, Security
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import APIKeyHeader
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from app.api.errors import Problem
-from app.ledger.db import open_session
+from app.ledger.db import StatementPool, open_session
 from app.security import KeyVerifier, Principal
 from app.settings import Settings
 
@@ -31,6 +32,29 @@ async def get_settings_dep(request: Request) -> Settings:  # async: no thread ho
 
 SessionDep = Annotated[Session, Depends(get_session)]
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+
+
+# Connections per process for statements awaited on the event loop (POST /forget/{sample_id}).
+# Few serve best: on 2 cores, 2 to 8 gave ~1,800 req/s with p99 under 25 ms (8: ~50 ms), 20 gave
+# ~1,700 req/s with p99 80 to 90 ms (docs/benchmarks/forget.md).
+STATEMENT_CONNECTIONS = 4
+
+
+def statement_pool(request: Request) -> StatementPool | None:
+    """The app's statement connections to its ledger (made on first use); None unless the
+    ledger is PostgreSQL."""
+    state = request.app.state
+    engine: Engine = state.engine
+    if engine.dialect.name != "postgresql":
+        return None
+    pools: dict[Engine, StatementPool] = state.statement_pools
+    pool = pools.get(engine)
+    if pool is None:
+        settings: Settings = state.settings
+        pool = pools[engine] = StatementPool(
+            engine, STATEMENT_CONNECTIONS, settings.db_connect_timeout_seconds
+        )
+    return pool
 
 
 def cached_principal(request: Request, key: str, scope: str) -> Principal | None:

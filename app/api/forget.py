@@ -26,6 +26,7 @@ from app.api.deps import (
     SettingsDep,
     StatusReader,
     cached_principal,
+    statement_pool,
 )
 from app.api.errors import PROBLEM_RESPONSES, Problem
 from app.ledger import idempotency
@@ -35,6 +36,7 @@ from app.ledger.requests import (
     Filed,
     RequestView,
     file_request,
+    file_request_in_one_statement,
     file_requests,
     get_request,
     list_requests,
@@ -195,23 +197,32 @@ def _file(
 async def _file_one(
     request: Request, sample_id: str, principal: Principal, note: str | None
 ) -> Response:
-    """Files (or finds) the sample's request: one hop to a thread (asyncio's executor, with the
-    caller's context: cheaper than anyio's) and, on PostgreSQL, one statement; the answer is
-    serialised once, with no response-model validation after it."""
+    """Files (or finds) the sample's request; the answer is serialised once, with no
+    response-model validation after it. On PostgreSQL one statement awaited on the event loop;
+    elsewhere (SQLite) file_requests on a thread."""
     state = request.app.state
     settings: Settings = state.settings
-    call = partial(
-        file_request,
-        state.engine,
-        sample_id,
-        actor=principal.actor,
-        note=note,
-        deadline_days=settings.deletion_deadline_days,
-    )
-    executor = getattr(state, "ledger_executor", None)  # None: asyncio's (no lifespan run)
-    filed = await asyncio.get_running_loop().run_in_executor(
-        executor, contextvars.copy_context().run, call
-    )
+    statements = statement_pool(request)
+    if statements is not None:
+        filed = await file_request_in_one_statement(
+            statements,
+            sample_id,
+            actor=principal.actor,
+            note=note,
+            deadline_days=settings.deletion_deadline_days,
+        )
+    else:
+        call = partial(
+            file_request,
+            state.engine,
+            sample_id,
+            actor=principal.actor,
+            note=note,
+            deadline_days=settings.deletion_deadline_days,
+        )
+        filed = await asyncio.get_running_loop().run_in_executor(
+            None, contextvars.copy_context().run, call
+        )
     return Response(
         request_out(filed.request, utcnow()).model_dump_json(),
         status_code=202 if filed.created else 200,

@@ -1,5 +1,6 @@
 """Engine and sessions. Every other module receives a Session; none creates an engine."""
 
+import asyncio
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -7,9 +8,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, cast
 
+import psycopg
 from sqlalchemy import CursorResult, Engine, Result, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, InvalidatePoolError
+from sqlalchemy.exc import DBAPIError, InvalidatePoolError, StatementError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.settings import Settings, get_settings
@@ -23,8 +26,8 @@ def make_engine(
 
     ``ping_after_idle`` (seconds): check only a connection that has been idle longer than that
     (pool_pre_ping checks every one, a round trip per checkout). A connection that dies while
-    in use is then caught when used: SQLAlchemy replaces every connection of its generation, and
-    run_driver_statement runs its statement again on a new one.
+    in use is then caught when used: SQLAlchemy replaces every connection of its generation (and
+    the caller may retry).
     """
     settings = settings or get_settings()
     parsed = make_url(url)
@@ -111,49 +114,85 @@ def affected_rows(result: Result[Any]) -> int:
     return cast(CursorResult[Any], result).rowcount
 
 
-def run_driver_statement(
-    engine: Engine, statement: str, parameters: dict[str, Any]
-) -> list[tuple[Any, ...]]:
-    """Runs one statement in autocommit on a pooled connection, straight through the driver
-    (no SQLAlchemy Connection or Session around it: on the hot path they cost more CPU than the
-    statement); returns its rows once PostgreSQL has committed it.
+class StatementPool:
+    """A few psycopg AsyncConnections to one PostgreSQL database, in autocommit, for single
+    statements awaited on the event loop: no thread hop, no SQLAlchemy Connection around them
+    (on the busiest call both cost more CPU than the statement). A statement's rows are returned
+    once PostgreSQL has committed it.
 
-    For statements that may run twice: a connection found dead (the server restarted) is
-    discarded with every connection of its generation, and the statement is run once more on a
-    new one. Driver errors leave as SQLAlchemy's (OperationalError, DataError, ...), as from
-    any other query, so the API's error handlers answer them the same way.
+    At most ``size`` statements run at once; the others wait their turn here, up to ``timeout``
+    seconds (then SQLAlchemy's pool TimeoutError). Few connections serve best: under load, each
+    extra backend is one more process competing for the cores, and latency's tail grows with it.
+
+    For statements that may run twice: one that finds its connection dead (the server
+    restarted) runs once more on a new connection. Driver errors leave as SQLAlchemy's
+    (OperationalError, DataError, ...), as from any other query, so the API answers them the
+    same way. Bound to the event loop it is first used on; close() it on that loop.
     """
-    dbapi_error = engine.dialect.loaded_dbapi.Error
-    for attempt in (1, 2):
-        pooled = None
+
+    def __init__(self, engine: Engine, size: int, timeout: float) -> None:
+        _args, params = engine.dialect.create_connect_args(engine.url)
+        params.pop("context", None)  # SQLAlchemy's adapters: psycopg's defaults here
+        self._connect_params = {**params, "connect_timeout": max(1, round(timeout))}
+        self._dialect = engine.dialect
+        self._size = size
+        self._timeout = timeout
+        self._idle: list[Any] = []  # psycopg.AsyncConnection, newest last
+        self._slots: asyncio.Semaphore | None = None
+
+    async def run(self, statement: str, parameters: dict[str, Any]) -> list[tuple[Any, ...]]:
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self._size)
         try:
-            pooled = engine.raw_connection()
-            connection: Any = pooled.driver_connection
-            connection.autocommit = True
-            try:
-                with connection.cursor() as cursor:
-                    cursor.execute(statement, parameters)
-                    return cursor.fetchall() if cursor.description else []
-            finally:
-                if not connection.closed:
-                    connection.autocommit = False
-        except dbapi_error as error:
-            disconnected = pooled is not None and engine.dialect.is_disconnect(
-                error, pooled.driver_connection, None
-            )
-            if disconnected and pooled is not None:
-                engine.pool._invalidate(pooled, error)  # as SQLAlchemy does on a disconnect
-                if attempt == 1:
-                    continue
-            raise DBAPIError.instance(
-                statement,
-                parameters,
-                error,
-                dbapi_error,
-                connection_invalidated=disconnected,
-                dialect=engine.dialect,
-            ) from error
+            async with asyncio.timeout(self._timeout):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise PoolTimeout(
+                f"no connection free for a statement within {self._timeout} s"
+            ) from None
+        try:
+            for attempt in (1, 2):
+                reused = bool(self._idle)
+                try:
+                    connection = self._idle.pop() if reused else await self._connect()
+                except psycopg.Error as error:
+                    raise self._translate(statement, parameters, error, False) from error
+                try:
+                    cursor = await connection.execute(statement, parameters)
+                    rows = await cursor.fetchall() if cursor.description else []
+                except psycopg.Error as error:
+                    if not (connection.broken or connection.closed):
+                        self._idle.append(connection)  # the statement failed, not the link
+                        raise self._translate(statement, parameters, error, False) from error
+                    await connection.close()
+                    if reused and attempt == 1:
+                        continue  # a connection from before a restart: once more, on a new one
+                    raise self._translate(statement, parameters, error, True) from error
+                except BaseException:
+                    await connection.close()  # cancelled mid-statement: its state is unknown
+                    raise
+                self._idle.append(connection)
+                return rows
+            raise AssertionError("unreachable")
         finally:
-            if pooled is not None:
-                pooled.close()
-    raise AssertionError("unreachable")
+            self._slots.release()
+
+    async def _connect(self) -> Any:
+        return await psycopg.AsyncConnection.connect(autocommit=True, **self._connect_params)
+
+    def _translate(
+        self, statement: str, parameters: dict[str, Any], error: Exception, lost: bool
+    ) -> StatementError:
+        return DBAPIError.instance(
+            statement,
+            parameters,
+            error,
+            self._dialect.loaded_dbapi.Error,
+            connection_invalidated=lost,
+            dialect=self._dialect,
+        )
+
+    async def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            await connection.close()

@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.ledger.clock import as_utc, utcnow
-from app.ledger.db import affected_rows, open_session, run_driver_statement
+from app.ledger.db import StatementPool, affected_rows, open_session
 from app.ledger.errors import Invalid, NotFound, StateConflict
 from app.ledger.events import record_event
 from app.ledger.tables import (
@@ -203,7 +203,7 @@ _LIVE_STATES_SQL = ", ".join(f"'{state.value}'" for state in LIVE_REQUEST_STATES
 # No row: unknown sample. created = 1: filed now. created = 0 with a request: the live one.
 # created = 0 without one: a concurrent POST filed it after this statement's snapshot was taken
 # (the insert met its row on the partial unique index): run again to read it back.
-# Prepared by psycopg after a few runs on a connection, so PostgreSQL plans it only then.
+# Prepared by psycopg after a few runs on a connection: PostgreSQL plans it once per connection.
 _FILE_ONE_POSTGRES = f"""
 WITH sample AS (
     SELECT sample_id FROM samples WHERE sample_id = %(sample_id)s
@@ -240,23 +240,29 @@ LEFT JOIN model_versions AS version ON version.id = live.completed_version_id
 def file_request(
     engine: Engine, sample_id: str, *, actor: str, note: str | None, deadline_days: int
 ) -> FiledView:
-    """file_requests for one sample, straight from an engine, answered as a view.
+    """file_requests for one sample, answered as a view (the API's path on SQLite)."""
+    with open_session(engine) as session:
+        (filed,) = file_requests(
+            session, [sample_id], actor=actor, note=note, deadline_days=deadline_days
+        )
+        (view,) = request_views(session, [filed.request])
+        return FiledView(view, filed.created)
 
-    On PostgreSQL one statement in one round trip; elsewhere (SQLite) file_requests itself.
-    """
-    if engine.dialect.name != "postgresql":
-        with open_session(engine) as session:
-            (filed,) = file_requests(
-                session, [sample_id], actor=actor, note=note, deadline_days=deadline_days
-            )
-            (view,) = request_views(session, [filed.request])
-            return FiledView(view, filed.created)
+
+async def file_request_in_one_statement(
+    statements: StatementPool,
+    sample_id: str,
+    *,
+    actor: str,
+    note: str | None,
+    deadline_days: int,
+) -> FiledView:
+    """file_request on PostgreSQL: one statement, one round trip, awaited on the event loop."""
     for _attempt in range(3):
         now = utcnow()
         request_id = str(uuid.uuid4())
         deadline = now + timedelta(days=deadline_days)
-        rows = run_driver_statement(
-            engine,
+        rows = await statements.run(
             _FILE_ONE_POSTGRES,
             {
                 "sample_id": sample_id,

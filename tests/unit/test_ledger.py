@@ -1,5 +1,6 @@
 """Ledger operations: membership both ways, guarded transitions, alias history, keys."""
 
+import asyncio
 import threading
 import time
 import uuid
@@ -8,10 +9,11 @@ from datetime import timedelta
 
 import pytest
 from sqlalchemy import Engine, NullPool, create_engine, func, select, text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DataError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
 
-from app.ledger.db import make_engine, open_session, session_scope
+from app.ledger.db import StatementPool, make_engine, open_session, session_scope
 from app.ledger.errors import Invalid, NotFound, StateConflict
 from app.ledger.keys import create_key, find_active_key, hash_key, list_keys
 from app.ledger.provenance import (
@@ -24,7 +26,12 @@ from app.ledger.provenance import (
     samples_in_step,
     steps_of_samples,
 )
-from app.ledger.requests import FiledView, file_request, file_requests, transition_requests
+from app.ledger.requests import (
+    FiledView,
+    file_request_in_one_statement,
+    file_requests,
+    transition_requests,
+)
 from app.ledger.samples import SampleRecord, register_samples, set_sample_state
 from app.ledger.tables import (
     AuditEvent,
@@ -155,13 +162,39 @@ def forget_events(engine: Engine, sample_id: str) -> int:
         return session.scalar(query) or 0
 
 
+def file_one(statements: StatementPool, sample_id: str, actor: str = "t") -> FiledView:
+    """file_request_in_one_statement, from synchronous code (on a loop of its own)."""
+    return asyncio.run(
+        file_request_in_one_statement(
+            statements, sample_id, actor=actor, note=None, deadline_days=30
+        )
+    )
+
+
 @pytest.mark.postgres
 def test_file_request_in_one_statement_follows_file_requests(pg_engine: Engine) -> None:
     """PostgreSQL's one-statement path: filed with its event, found again, 404, not live."""
     sample, other = pg_samples(pg_engine, 2)
-    first = file_request(pg_engine, sample, actor="t", note="n", deadline_days=30)
+
+    async def scenario() -> tuple[FiledView, FiledView]:
+        statements = StatementPool(pg_engine, 2, 3.0)
+        try:
+            first = await file_request_in_one_statement(
+                statements, sample, actor="t", note="n", deadline_days=30
+            )
+            again = await file_request_in_one_statement(
+                statements, sample, actor="t", note=None, deadline_days=30
+            )
+            with pytest.raises(NotFound):
+                await file_request_in_one_statement(
+                    statements, f"{other}-unknown", actor="t", note=None, deadline_days=30
+                )
+            return first, again
+        finally:
+            await statements.close()
+
+    first, again = asyncio.run(scenario())
     assert first.created and first.request.state is RequestState.pending
-    again = file_request(pg_engine, sample, actor="t", note=None, deadline_days=30)
     assert not again.created
     assert again.request.id == first.request.id
     assert again.request.received_at == first.request.received_at
@@ -171,11 +204,9 @@ def test_file_request_in_one_statement_follows_file_requests(pg_engine: Engine) 
         row = session.get(DeletionRequest, first.request.id)
         assert row is not None and row.requester_note == "n" and row.requested_by == "t"
         transition_requests(session, [row.id], RequestState.pending, RequestState.failed)
-    retried = file_request(pg_engine, sample, actor="t", note=None, deadline_days=30)
+    retried = file_one(StatementPool(pg_engine, 1, 3.0), sample)
     assert retried.created and retried.request.id != first.request.id  # failed is not live
     assert forget_events(pg_engine, sample) == 2
-    with pytest.raises(NotFound):
-        file_request(pg_engine, f"{other}-unknown", actor="t", note=None, deadline_days=30)
 
 
 @pytest.mark.postgres
@@ -183,7 +214,7 @@ def test_file_request_that_loses_a_race_returns_the_winner(pg_engine: Engine) ->
     """A concurrent insert for the same sample commits while this statement waits on the
     unique index: the statement files nothing and runs again to read the winner back."""
     (sample,) = pg_samples(pg_engine, 1)
-    results: list[object] = []
+    results: list[FiledView] = []
     with pg_engine.connect() as winner:
         winner.execute(
             text(
@@ -193,9 +224,7 @@ def test_file_request_that_loses_a_race_returns_the_winner(pg_engine: Engine) ->
             {"id": f"won-{sample}", "s": sample},
         )  # not yet committed: the loser's insert waits for it on the unique index
         loser = threading.Thread(
-            target=lambda: results.append(
-                file_request(pg_engine, sample, actor="l", note=None, deadline_days=30)
-            )
+            target=lambda: results.append(file_one(StatementPool(pg_engine, 1, 3.0), sample, "l"))
         )
         loser.start()
         time.sleep(0.5)
@@ -203,33 +232,59 @@ def test_file_request_that_loses_a_race_returns_the_winner(pg_engine: Engine) ->
         winner.commit()
     loser.join(10)
     (filed,) = results
-    assert isinstance(filed, FiledView)
     assert not filed.created and filed.request.id == f"won-{sample}"
     assert forget_events(pg_engine, sample) == 0  # the loser recorded nothing
 
 
 @pytest.mark.postgres
-def test_file_request_survives_a_dropped_connection(postgres_url: str) -> None:
-    """A pooled connection whose backend died (a restarted server) is discarded, with the rest
-    of its generation, and the statement runs again on a new one: the caller sees no error.
-    (No pre-ping here, so that the dead connection reaches the statement.)"""
-    engine = create_engine(postgres_url, pool_size=2, max_overflow=0)
-    first, second = pg_samples(engine, 2)
-    with engine.connect() as doomed, engine.connect() as killer:
-        pid = doomed.exec_driver_sql("SELECT pg_backend_pid()").scalar()
-        doomed.rollback()
-        doomed.close()  # back to the pool, first in line
-        killer.exec_driver_sql(f"SELECT pg_terminate_backend({pid})")
-        killer.commit()
-    try:
-        filed = file_request(engine, first, actor="t", note=None, deadline_days=30)
-        assert filed.created
-        with engine.connect() as connection:
-            assert connection.exec_driver_sql("SELECT pg_backend_pid()").scalar() != pid
-        assert file_request(engine, second, actor="t", note=None, deadline_days=30).created
-        assert forget_events(engine, first) == forget_events(engine, second) == 1
-    finally:
-        engine.dispose()
+def test_a_statement_survives_a_dropped_connection(pg_engine: Engine, postgres_url: str) -> None:
+    """A pooled connection whose backend died (a restarted server) is discarded and the
+    statement runs again on a new one: the caller sees no error."""
+    first, second = pg_samples(pg_engine, 2)
+
+    async def scenario() -> tuple[int, int, FiledView]:
+        statements = StatementPool(pg_engine, 1, 3.0)
+        try:
+            await file_request_in_one_statement(
+                statements, first, actor="t", note=None, deadline_days=30
+            )
+            ((pid,),) = await statements.run("SELECT pg_backend_pid()", {})
+            _terminate(postgres_url, pid)
+            await asyncio.sleep(0.1)
+            filed = await file_request_in_one_statement(
+                statements, second, actor="t", note=None, deadline_days=30
+            )
+            ((new_pid,),) = await statements.run("SELECT pg_backend_pid()", {})
+            return pid, new_pid, filed
+        finally:
+            await statements.close()
+
+    pid, new_pid, filed = asyncio.run(scenario())
+    assert filed.created and new_pid != pid
+    assert forget_events(pg_engine, first) == forget_events(pg_engine, second) == 1
+
+
+@pytest.mark.postgres
+def test_statement_errors_are_sqlalchemys_and_slots_are_bounded(pg_engine: Engine) -> None:
+    """A value PostgreSQL refuses is SQLAlchemy's DataError (the API's 422) and leaves the
+    connection usable; a statement that finds no free connection in time is a pool timeout
+    (the API's 503)."""
+
+    async def scenario() -> None:
+        statements = StatementPool(pg_engine, 1, 0.3)
+        try:
+            with pytest.raises(DataError):
+                await statements.run("SELECT %(v)s::text", {"v": "nul\x00byte"})
+            assert await statements.run("SELECT 1", {}) == [(1,)]
+            sleeper = asyncio.create_task(statements.run("SELECT pg_sleep(1)", {}))
+            await asyncio.sleep(0.1)
+            with pytest.raises(PoolTimeout):
+                await statements.run("SELECT 1", {})
+            await sleeper
+        finally:
+            await statements.close()
+
+    asyncio.run(scenario())
 
 
 def _terminate(postgres_url: str, pid: int) -> None:
