@@ -137,32 +137,37 @@ class StatementPool:
         self._dialect = engine.dialect
         self._size = size
         self._timeout = timeout
-        self._idle: list[Any] = []  # psycopg.AsyncConnection, newest last
+        self._idle: list[Any] = []  # psycopg.AsyncCursor of each free connection, newest last
         self._slots: asyncio.Semaphore | None = None
 
     async def run(self, statement: str, parameters: dict[str, Any]) -> list[tuple[Any, ...]]:
+        """The rows of ``statement`` (one that returns rows), committed."""
         if self._slots is None:
             self._slots = asyncio.Semaphore(self._size)
-        try:
-            async with asyncio.timeout(self._timeout):
-                await self._slots.acquire()
-        except TimeoutError:
-            raise PoolTimeout(
-                f"no connection free for a statement within {self._timeout} s"
-            ) from None
+        if self._slots.locked():  # (the timeout's own cost, only when there is a wait)
+            try:
+                async with asyncio.timeout(self._timeout):
+                    await self._slots.acquire()
+            except TimeoutError:
+                raise PoolTimeout(
+                    f"no connection free for a statement within {self._timeout} s"
+                ) from None
+        else:
+            await self._slots.acquire()
         try:
             for attempt in (1, 2):
                 reused = bool(self._idle)
                 try:
-                    connection = self._idle.pop() if reused else await self._connect()
+                    cursor = self._idle.pop() if reused else await self._connect()
                 except psycopg.Error as error:
                     raise self._translate(statement, parameters, error, False) from error
+                connection = cursor.connection
                 try:
-                    cursor = await connection.execute(statement, parameters)
-                    rows = await cursor.fetchall() if cursor.description else []
+                    await cursor.execute(statement, parameters)
+                    rows: list[tuple[Any, ...]] = await cursor.fetchall()
                 except psycopg.Error as error:
                     if not (connection.broken or connection.closed):
-                        self._idle.append(connection)  # the statement failed, not the link
+                        self._idle.append(cursor)  # the statement failed, not the link
                         raise self._translate(statement, parameters, error, False) from error
                     await connection.close()
                     if reused and attempt == 1:
@@ -171,14 +176,15 @@ class StatementPool:
                 except BaseException:
                     await connection.close()  # cancelled mid-statement: its state is unknown
                     raise
-                self._idle.append(connection)
+                self._idle.append(cursor)
                 return rows
             raise AssertionError("unreachable")
         finally:
             self._slots.release()
 
     async def _connect(self) -> Any:
-        return await psycopg.AsyncConnection.connect(autocommit=True, **self._connect_params)
+        connection = await psycopg.AsyncConnection.connect(autocommit=True, **self._connect_params)
+        return connection.cursor()  # kept with its connection: a cursor per call costs CPU
 
     def _translate(
         self, statement: str, parameters: dict[str, Any], error: Exception, lost: bool
@@ -194,5 +200,5 @@ class StatementPool:
 
     async def close(self) -> None:
         idle, self._idle = self._idle, []
-        for connection in idle:
-            await connection.close()
+        for cursor in idle:
+            await cursor.connection.close()
