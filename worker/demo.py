@@ -26,8 +26,9 @@ from sqlalchemy import Engine
 
 from app.ledger import migrate
 from app.ledger.db import make_engine, session_scope
+from app.ledger.jobs import FINISHED_STATES
 from app.ledger.samples import sample_ids
-from app.ledger.tables import SampleState, Split
+from app.ledger.tables import OPEN_REQUEST_STATES, JobState, RequestState, SampleState, Split
 from app.logging import configure_logging
 from app.main import create_app
 from app.settings import Settings, get_settings
@@ -35,7 +36,8 @@ from worker.scheduler import embedded_services
 
 # Short waits so that the demo finishes promptly, unless the environment sets them.
 DEMO_TIMINGS = {"coalesce_window_seconds": 2.0, "scheduler_interval_seconds": 0.5}
-FINISHED = {"succeeded", "failed", "dead", "completed", "rejected"}
+# What follow() reads from a polled body: its state, its job's progress, and whether it is over.
+Status = Callable[[dict[str, Any]], tuple[str, int, bool]]
 
 
 class DemoFailed(Exception):
@@ -65,28 +67,43 @@ def demo_settings(base: Settings) -> Settings:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    settings = demo_settings(get_settings())
+    try:
+        _run(args, demo_settings(get_settings()))
+    except DemoFailed as error:
+        sys.exit(f"lethe demo: {error}")
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> None:
     _check_port_free(args.port)
     migrate.upgrade(settings.resolved_database_url)
     engine = make_engine(settings.resolved_database_url, settings)
     base_url = f"http://127.0.0.1:{args.port}"
     key = settings.bootstrap_api_key.get_secret_value() if settings.bootstrap_api_key else ""
+    if settings.broker_url:
+        print(
+            f"jobs go to {settings.broker_url}: run `celery -A worker.celery_app:celery_app worker`"
+            " and `lethe scheduler` with the same environment"
+        )
     workers = nullcontext() if settings.broker_url else embedded_services(settings, engine)
-    with workers, api_server(settings, engine, args.port):
-        if settings.broker_url:
-            print(f"jobs go to {settings.broker_url}: run `celery -A worker.celery_app:celery_app "
-                  "worker` and `lethe scheduler` with the same environment")  # fmt: skip
-        client = httpx.Client(base_url=base_url, headers={"X-API-Key": key}, timeout=30)
-        try:
-            requests = walk_through(client, engine, args.samples, args.timeout)
-        except DemoFailed as error:
-            sys.exit(f"lethe demo: {error}")
-        print_summary(base_url, key, requests)
-        if any(r["state"] != "completed" for r in requests):
-            sys.exit("lethe demo: a request did not complete (see its error above)")
-        if not args.no_serve:
-            print("\nserving until Ctrl-C")
-            wait_for_signal()
+    with (
+        workers,
+        api_server(settings, engine, args.port),
+        httpx.Client(base_url=base_url, headers={"X-API-Key": key}, timeout=30) as client,
+    ):
+        requests = walk_through(client, engine, args.samples, args.timeout)
+        _finish(args, base_url, key, requests)
+
+
+def _finish(
+    args: argparse.Namespace, base_url: str, key: str, requests: list[dict[str, Any]]
+) -> None:
+    """Prints the summary; then fails, exits or serves until a signal."""
+    print_summary(base_url, key, requests)
+    if any(r["state"] != RequestState.completed for r in requests):
+        raise DemoFailed("a request did not complete (see its error above)")
+    if not args.no_serve:
+        print("\nserving until Ctrl-C")
+        wait_for_signal()
 
 
 def _check_port_free(port: int) -> None:
@@ -95,7 +112,7 @@ def _check_port_free(port: int) -> None:
         try:
             probe.bind(("127.0.0.1", port))
         except OSError:
-            sys.exit(f"lethe demo: port {port} is taken; choose another with --port")
+            raise DemoFailed(f"port {port} is taken; choose another with --port") from None
 
 
 @contextmanager
@@ -127,8 +144,8 @@ def walk_through(
     if serving is None:
         job = _ok(client.post("/train", json={"dataset": "digits"}))
         print(f"training on digits (job {job['job']['id']}): small CNN, audit models")
-        job = follow(client, job["links"]["self"], lambda body: body["job"], timeout)
-        if job["job"]["state"] != "succeeded":
+        job = follow(client, job["links"]["self"], job_status, timeout)
+        if job["job"]["state"] != JobState.succeeded:
             raise DemoFailed(f"training ended {job['job']['state']}: {job['job']['error']}")
         serving = _ok(client.get("/models/serving"))["version"]
     print(f"serving {serving['version']} ({serving['method']})")
@@ -137,10 +154,7 @@ def walk_through(
         raise DemoFailed("every training sample is forgotten already: remove LETHE_HOME's data")
     filed = [_ok(client.post(f"/forget/{sample_id}")) for sample_id in chosen]
     print(f"filed {len(filed)} deletion request(s): {', '.join(chosen)}")
-    return [
-        follow(client, r["links"]["self"], lambda body: body, timeout, certified=True)
-        for r in filed
-    ]
+    return [follow(client, r["links"]["self"], request_status, timeout) for r in filed]
 
 
 def active_training_samples(engine: Engine, count: int) -> list[str]:
@@ -148,30 +162,34 @@ def active_training_samples(engine: Engine, count: int) -> list[str]:
         return sample_ids(session, "digits", Split.train, SampleState.active)[:count]
 
 
-def follow(
-    client: httpx.Client,
-    path: str,
-    state_of: Callable[[dict[str, Any]], dict[str, Any]],
-    timeout: float,
-    certified: bool = False,
-) -> dict[str, Any]:
-    """Polls ``path`` until it has finished (and, for a completed request, has its certificate),
-    printing progress as it changes."""
+def job_status(body: dict[str, Any]) -> tuple[str, int, bool]:
+    job = body["job"]
+    return job["state"], job["progress"], job["state"] in FINISHED_STATES
+
+
+def request_status(body: dict[str, Any]) -> tuple[str, int, bool]:
+    state, job = body["state"], body["job"]
+    # The certificate is written by the purge, which follows the completion's commit.
+    done = state not in OPEN_REQUEST_STATES and (
+        state != RequestState.completed or body["certificate"] is not None
+    )
+    return state, job["progress"] if job else 0, done
+
+
+def follow(client: httpx.Client, path: str, status: Status, timeout: float) -> dict[str, Any]:
+    """Polls ``path`` until ``status`` says it is over, printing progress as it changes."""
     deadline = time.monotonic() + timeout
-    shown = None
+    shown = ""
     while True:
         body = _ok(client.get(path))
-        state = state_of(body)
-        job = state.get("job") if "request_id" in state else state
-        progress = f"{state['state']} {job['progress'] if job else 0}%"
-        if progress != shown:
-            print(f"  {path}: {progress}", flush=True)
-            shown = progress
-        done = state["state"] in FINISHED
-        if done and not (certified and state["state"] == "completed" and not state["certificate"]):
+        state, progress, done = status(body)
+        if f"{state} {progress}%" != shown:
+            shown = f"{state} {progress}%"
+            print(f"  {path}: {shown}", flush=True)
+        if done:
             return body
         if time.monotonic() > deadline:
-            raise DemoFailed(f"{path} still {state['state']} after {timeout:.0f}s")
+            raise DemoFailed(f"{path} still {state} after {timeout:.0f}s")
         time.sleep(0.5)
 
 
@@ -191,9 +209,8 @@ def print_summary(base_url: str, key: str, requests: list[dict[str, Any]]) -> No
         print(f"    {base_url}{r['links']['self']}")
         if "certificate" in r["links"]:
             print(f"    certificate: {base_url}{r['links']['certificate']}")
-    versions = sorted({r["completed_in_version"] for r in requests if r["completed_in_version"]})
-    for version in versions:
-        print(f"audit report: {base_url}/audit/{version}")
+    for audit in sorted({r["links"]["audit"] for r in requests if "audit" in r["links"]}):
+        print(f"audit report: {base_url}{audit}")
     print(f"dashboard:    {base_url}/dashboard (paste the API key)")
     print(f"API key:      {key}")
     print(f'  curl -H "X-API-Key: {key}" {base_url}/models/serving')

@@ -15,7 +15,7 @@ from app.ledger.tables import DeletionRequest, RequestState
 from app.ledger.versions import alias_target
 from app.settings import Settings
 from tests.integration.servers import PROJECT_ROOT, free_port
-from worker.demo import demo_settings
+from worker.demo import demo_settings, request_status
 
 
 def lethe(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -33,6 +33,15 @@ def test_demo_settings_keep_what_the_environment_sets(monkeypatch: pytest.Monkey
     assert settings.coalesce_window_seconds == 30  # the environment's
     assert settings.scheduler_interval_seconds == 0.5  # the demo's
     assert settings.bootstrap_api_key is not None  # a new key, since none is set
+
+
+def test_a_completed_request_is_followed_until_it_has_its_certificate() -> None:
+    pending = {"state": "pending", "job": None, "certificate": None}
+    completed = {"state": "completed", "job": {"progress": 100}, "certificate": None}
+    assert request_status(pending) == ("pending", 0, False)
+    assert request_status(completed) == ("completed", 100, False)  # the purge has yet to certify
+    assert request_status(completed | {"certificate": {"method": "relabel"}})[2]
+    assert request_status(pending | {"state": "failed"})[2]
 
 
 def test_a_taken_port_is_refused_with_a_clear_message(tmp_path: Path) -> None:
