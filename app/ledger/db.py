@@ -125,7 +125,8 @@ class StatementPool:
     extra backend is one more process competing for the cores, and latency's tail grows with it.
 
     For statements that may run twice: one that finds its connection dead (the server
-    restarted) runs once more on a new connection. Driver errors leave as SQLAlchemy's
+    restarted) runs once more on a new connection, and the idle connections, of the same age,
+    are dropped too. Driver errors leave as SQLAlchemy's
     (OperationalError, DataError, ...), as from any other query, so the API answers them the
     same way. Bound to the event loop it is first used on; close() it on that loop.
     """
@@ -171,7 +172,10 @@ class StatementPool:
                         raise self._translate(statement, parameters, error, False) from error
                     await connection.close()
                     if reused and attempt == 1:
-                        continue  # a connection from before a restart: once more, on a new one
+                        # A connection from before a restart, and so, likely, every idle one:
+                        # all go, and the statement runs once more on a new connection.
+                        await self.close()
+                        continue
                     raise self._translate(statement, parameters, error, True) from error
                 except BaseException:
                     await connection.close()  # cancelled mid-statement: its state is unknown
@@ -199,6 +203,8 @@ class StatementPool:
         )
 
     async def close(self) -> None:
+        """Closes the connections not in use (one in use rejoins the pool when its statement
+        ends)."""
         idle, self._idle = self._idle, []
         for cursor in idle:
             await cursor.connection.close()

@@ -237,30 +237,33 @@ def test_file_request_that_loses_a_race_returns_the_winner(pg_engine: Engine) ->
 
 
 @pytest.mark.postgres
-def test_a_statement_survives_a_dropped_connection(pg_engine: Engine, postgres_url: str) -> None:
-    """A pooled connection whose backend died (a restarted server) is discarded and the
+def test_a_statement_survives_a_restarted_server(pg_engine: Engine, postgres_url: str) -> None:
+    """Pooled connections whose backends died (a restarted server) are dropped and the
     statement runs again on a new one: the caller sees no error."""
     first, second = pg_samples(pg_engine, 2)
 
-    async def scenario() -> tuple[int, int, FiledView]:
-        statements = StatementPool(pg_engine, 1, 3.0)
+    async def scenario() -> tuple[set[int], set[int], FiledView]:
+        statements = StatementPool(pg_engine, 2, 3.0)
         try:
             await file_request_in_one_statement(
                 statements, first, actor="t", note=None, deadline_days=30
             )
-            ((pid,),) = await statements.run("SELECT pg_backend_pid()", {})
-            _terminate(postgres_url, pid)
+            pid_query = "SELECT pg_backend_pid() FROM pg_sleep(0.1)"
+            both = await asyncio.gather(*(statements.run(pid_query, {}) for _ in range(2)))
+            dead = {pid for ((pid,),) in both}  # both connections, now idle in the pool
+            for pid in dead:
+                _terminate(postgres_url, pid)
             await asyncio.sleep(0.1)
             filed = await file_request_in_one_statement(
                 statements, second, actor="t", note=None, deadline_days=30
             )
-            ((new_pid,),) = await statements.run("SELECT pg_backend_pid()", {})
-            return pid, new_pid, filed
+            again = await asyncio.gather(*(statements.run(pid_query, {}) for _ in range(2)))
+            return dead, {pid for ((pid,),) in again}, filed
         finally:
             await statements.close()
 
-    pid, new_pid, filed = asyncio.run(scenario())
-    assert filed.created and new_pid != pid
+    dead, alive, filed = asyncio.run(scenario())
+    assert len(dead) == 2 and filed.created and not dead & alive
     assert forget_events(pg_engine, first) == forget_events(pg_engine, second) == 1
 
 
