@@ -65,6 +65,10 @@ class Result:
     # CPU per request: a load-independent figure (the machine may be shared while measuring).
     server_cpu_ms: float
     postgres_cpu_ms: float
+    # Whatever else the machine's CPUs did meanwhile, per request: wrk and the kernel's share
+    # (~0.1 ms), plus anything else running. Well above that: the machine was not quiet.
+    other_cpu_ms: float
+    load_before: float  # 1-minute load average as the measured run started (JSON only: it lags)
 
     def meets(self, rps: float, p99_ms: float) -> bool:
         return self.requests_per_s >= rps and self.p99_ms <= p99_ms and not self.lost
@@ -89,6 +93,26 @@ def cpu_seconds(pids: list[int], *, reaped: bool = False) -> dict[int, float]:
             ticks = sum(int(fields[i]) for i in ((11, 12, 13, 14) if reaped else (11, 12)))
             found[pid] = ticks / clock
     return found
+
+
+def machine_busy_seconds() -> float:
+    """CPU time all the machine's CPUs spent busy since boot (Linux /proc/stat)."""
+    fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_until_quiet(limit_s: float, busy_below: float = 0.10, window_s: float = 3.0) -> None:
+    """Waits (at most ``limit_s``) until the machine's CPUs are less than ``busy_below`` busy over
+    ``window_s``: on a shared machine, a run then starts when nobody else's does."""
+    deadline = time.monotonic() + limit_s
+    cpus = os.cpu_count() or 1
+    while time.monotonic() < deadline:
+        before = machine_busy_seconds()
+        time.sleep(window_s)
+        if (machine_busy_seconds() - before) / (window_s * cpus) < busy_below:
+            return
+    print(f"the machine stayed busy for {limit_s:g} s: measuring anyway", file=sys.stderr)
 
 
 def server_processes(server: Server) -> list[int]:
@@ -192,11 +216,16 @@ def run_once(workers: int, args: argparse.Namespace) -> Result:
         with uvicorn_server(env, workers=workers) as server:
             run_wrk(server, api_key, WARM, args.warmup, args, Path(tmp) / "warm")
             database = url.rsplit("/", 1)[1]
+            if args.wait_quiet:
+                wait_until_quiet(args.wait_quiet)
+            load_before = os.getloadavg()[0]
+            machine_before = machine_busy_seconds()
             server_before = cpu_seconds(server_processes(server))
             pg_before = postgres_cpu(database)
             figures = run_wrk(server, api_key, RUN, args.requests, args, Path(tmp) / "run")
             server_cpu = cpu_spent(server_before, cpu_seconds(server_processes(server)))
             pg_cpu = cpu_spent(pg_before, postgres_cpu(database))
+            machine_cpu = machine_busy_seconds() - machine_before
         accepted = accepted_ids(Path(tmp) / "run")
         in_ledger = ledger_ids(url, RUN)
     answered = figures["accepted"] + figures["repeated"] + figures["failed"]
@@ -220,6 +249,8 @@ def run_once(workers: int, args: argparse.Namespace) -> Result:
         in_ledger=len(in_ledger),
         server_cpu_ms=round(1000 * server_cpu / answered, 2),
         postgres_cpu_ms=round(1000 * pg_cpu / answered, 2),
+        other_cpu_ms=round(1000 * (machine_cpu - server_cpu - pg_cpu) / answered, 2),
+        load_before=round(load_before, 2),
     )
 
 
@@ -227,17 +258,18 @@ def markdown(results: list[Result], args: argparse.Namespace) -> str:
     header = (
         "| uvicorn workers | concurrency | requests | req/s | p50 ms | p95 ms | p99 ms | max ms "
         "| errors | 202s | in ledger | lost | server CPU ms/req | PostgreSQL CPU ms/req "
+        "| other CPU ms/req "
         f"| ≥{args.target_rps:g} req/s, p99 ≤{args.target_p99_ms:g} ms |"
     )
     rows = [
         f"| {r.workers} | {r.concurrency} | {r.requests} | {r.requests_per_s:.0f} "
         f"| {r.p50_ms:.1f} | {r.p95_ms:.1f} | {r.p99_ms:.1f} | {r.max_ms:.1f} | {r.errors} "
         f"| {r.accepted} | {r.in_ledger} | {r.lost} "
-        f"| {r.server_cpu_ms:.2f} | {r.postgres_cpu_ms:.2f} "
+        f"| {r.server_cpu_ms:.2f} | {r.postgres_cpu_ms:.2f} | {r.other_cpu_ms:.2f} "
         f"| {'yes' if r.meets(args.target_rps, args.target_p99_ms) else 'no'} |"
         for r in results
     ]
-    return "\n".join([header, "|" + "---|" * 15, *rows])
+    return "\n".join([header, "|" + "---|" * 16, *rows])
 
 
 def parse_args() -> argparse.Namespace:
@@ -249,6 +281,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="uvicorn workers")
     parser.add_argument("--admin-url", default=POSTGRES_ADMIN_URL, help="PostgreSQL to use")
     parser.add_argument("--max-seconds", type=int, default=300, help="cap on one wrk run")
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="before each measured run, wait up to this long for the machine to be <10%% busy",
+    )
     parser.add_argument(
         "--set",
         type=lambda pair: tuple(pair.split("=", 1)),
