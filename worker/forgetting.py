@@ -40,6 +40,7 @@ from app.ledger.versions import (
 )
 from app.settings import Settings
 from worker.audit import GatePolicy, run_audit
+from worker.audit.references import purge_reference_caches
 from worker.data import erase_samples
 from worker.devices import resolve_device
 from worker.store import ArtifactStore, sha256_hex
@@ -266,6 +267,7 @@ def purge_and_certify(
         "step_deltas_sha256": deltas,
         "weights": weights,
         "audit_images": images,
+        "audit_reference_models": purge_reference_caches(store, set(samples)),
     }
     for request in requests:
         sample = samples[request.sample_id]

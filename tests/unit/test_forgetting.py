@@ -252,3 +252,26 @@ def test_a_retry_resumes_the_ladder_after_the_rungs_already_rejected(
     serving = alias_target(ledger.session)
     assert serving is not None
     assert [r["method"] for r in serving.details["ladder"]] == methods
+
+
+def test_erasing_a_reference_pool_sample_purges_the_audit_models_that_learned_it(
+    ledger: Ledger,
+) -> None:
+    store = ledger.store
+    (pool_id,) = sample_ids(ledger.session, "digits", Split.pool)[:1]
+    cached = [k for k in store.list("audits/references") if k.endswith(".safetensors")]
+    assert cached
+
+    ledger.run(ledger.forget([pool_id]))
+
+    (request,) = requests_of_job(ledger.session, ledger.session.scalars(select(Job.id)).one())
+    assert request.state is RequestState.completed
+    purged = request.certificate["purged"]["audit_reference_models"]  # type: ignore[index]
+    assert set(cached) <= {p["key"] for p in purged}
+    assert not any(store.exists(key) for key in cached)
+    # The next audit's models are built from the pool without the sample.
+    serving = alias_target(ledger.session)
+    assert serving is not None
+    prepare_audits(ledger.session, store, serving, CPU)
+    (manifest,) = [k for k in store.list("audits/references") if k.endswith("manifest.json")]
+    assert pool_id not in store.get_json(manifest)["pool"]

@@ -13,6 +13,8 @@
 
 Everything lives under ``audits/references/<hash of the configuration>/``; each cached object
 has a JSON sidecar with the seconds it took to build, which the report shows as one-off cost.
+The folder's manifest names the pool it was built from: erasing a pool sample purges the folder
+(``purge_reference_caches``) and the next audit builds a new one without it.
 """
 
 import hashlib
@@ -27,10 +29,11 @@ from torch import nn
 
 from worker.data import SampleSet
 from worker.nets import ModelSpec, build_model
-from worker.store import ArtifactStore
+from worker.store import ArtifactStore, sha256_hex
 from worker.training import Progress, TrainConfig, train
 
 Tensors = dict[str, torch.Tensor]
+REFERENCES_PREFIX = "audits/references"
 
 
 @dataclass
@@ -106,8 +109,13 @@ def reference_set(
     progress: Progress | None = None,
 ) -> ReferenceSet:
     """The cached reference models for this configuration, trained now if missing."""
-    prefix = f"audits/references/{configuration_key(dataset, spec, config, pool, count, seed)}"
+    prefix = f"{REFERENCES_PREFIX}/{configuration_key(dataset, spec, config, pool, count, seed)}"
     halves = [random_half(pool, seed + i) for i in range(count)]
+    members = [[pool.sample_ids[j] for j in half] for half in halves]
+    # Written before any model, so that a purge finds even a half-built folder.
+    store.put_json(
+        f"{prefix}/manifest.json", {"pool": pool.sample_ids, "members": members, "count": count}
+    )
     references = ReferenceSet(store, prefix, spec, config, pool, halves, seed)
     for i, half in enumerate(halves):
         references.cached(
@@ -116,6 +124,21 @@ def reference_set(
         )
         if progress:
             progress((i + 1) * 100 // count)
-    members = [[pool.sample_ids[j] for j in half] for half in halves]
-    store.put_json(f"{prefix}/manifest.json", {"members": members, "count": count})
     return references
+
+
+def purge_reference_caches(store: ArtifactStore, erased: set[str]) -> list[dict[str, str]]:
+    """Deletes every cached reference folder whose pool held an erased sample (its reference,
+    shadow, attack and evaluator models all learned from that pool). Returns the key and sha256
+    of each deleted object, for the certificate."""
+    purged = []
+    for manifest_key in store.list(REFERENCES_PREFIX):
+        if not manifest_key.endswith("/manifest.json"):
+            continue
+        if erased.isdisjoint(store.get_json(manifest_key)["pool"]):
+            continue
+        folder = manifest_key.removesuffix("/manifest.json")
+        for key in store.list(folder):
+            purged.append({"key": key, "sha256": sha256_hex(store.get_bytes(key))})
+            store.delete(key)
+    return purged
