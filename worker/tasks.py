@@ -95,12 +95,21 @@ class Heartbeat:
                         lease_seconds=self._settings.lease_seconds,
                         progress=self._progress,
                     )
-            except SQLAlchemyError:
-                log.warning("heartbeat of job %s failed; retrying", self._job_id, exc_info=True)
+            except SQLAlchemyError as error:
+                if _locked_by_the_job(error):
+                    log.debug("heartbeat of job %s waits for the job's commit", self._job_id)
+                else:
+                    log.warning("heartbeat of job %s failed; retrying", self._job_id, exc_info=True)
                 continue
             if not held:
                 self.lost.set()
                 return
+
+
+def _locked_by_the_job(error: SQLAlchemyError) -> bool:
+    """SQLite (the embedded ledger) has one writer: the job's own transaction holds the lock
+    until it commits, and its progress and lease are written then. Not a failure to report."""
+    return "database is locked" in str(getattr(error, "orig", ""))
 
 
 def execute_job(

@@ -3,6 +3,7 @@
 SQLite by default; the claims that depend on PostgreSQL locking run on the real server too.
 """
 
+import logging
 import threading
 import time
 import uuid
@@ -12,7 +13,7 @@ from functools import partial
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, create_engine, select, update
 from sqlalchemy.orm import Session
 
 from app.dispatch import enqueue_job, in_process_runner
@@ -39,7 +40,7 @@ from app.ledger.tables import Job, JobKind, JobState, RequestState, Sample, Samp
 from app.ledger.versions import alias_target
 from app.settings import Settings
 from worker.scheduler import embedded_services, tick
-from worker.tasks import execute_job
+from worker.tasks import Heartbeat, execute_job
 
 LEASE = 60.0
 
@@ -260,6 +261,22 @@ def test_in_process_runner_runs_the_task_and_records_progress(
         1,
     )
     assert any(0 < p < 100 for p in seen)  # the heartbeat wrote progress while it ran
+
+
+def test_a_heartbeat_held_off_by_the_jobs_own_sqlite_lock_is_not_a_warning(
+    session: Session, settings: Settings, sqlite_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    job_id = new_job(session)
+    impatient = create_engine(sqlite_url, connect_args={"timeout": 0.01})
+    writer = impatient.raw_connection()  # as the job's transaction: the one write lock
+    writer.execute("BEGIN IMMEDIATE")
+    caplog.set_level(logging.DEBUG, logger="worker.tasks")
+    with Heartbeat(impatient, job_id, 1, settings):
+        time.sleep(0.3)
+    writer.close()  # rolls back
+    records = [r for r in caplog.records if r.name == "worker.tasks"]
+    assert records and all(r.levelno == logging.DEBUG for r in records)
+    assert "waits for the job's commit" in records[0].getMessage()
 
 
 def test_a_raising_job_is_retried_by_the_task_until_dead(
