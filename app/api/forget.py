@@ -110,19 +110,7 @@ def request_out(view: RequestView, now: datetime) -> ForgetRequestOut:
         updated_at=view.updated_at,
         completed_at=view.completed_at,
         overdue=view.state in OPEN_REQUEST_STATES and view.deadline < now,
-        job=(
-            JobSummary(
-                id=job.id,
-                kind=job.kind,
-                state=job.state,
-                progress=job.progress,
-                attempts=job.attempts,
-                method=job.method,
-                error=job.error,
-            )
-            if job
-            else None
-        ),
+        job=JobSummary.model_validate(job, from_attributes=True) if job else None,
         completed_in_version=view.completed_in_version,
         error=view.error,
         certificate=view.certificate,

@@ -7,6 +7,7 @@ from fastapi import APIRouter, Path, Request
 from app.api.deps import ModelsAdmin, SessionDep, StatusReader
 from app.api.errors import PROBLEM_RESPONSES
 from app.ledger.jobs import create_job, get_job
+from app.ledger.requests import JobView
 from app.ledger.tables import Job, JobKind
 from app.schemas import JobOut, JobSummary, TrainBody
 
@@ -15,15 +16,7 @@ router = APIRouter(tags=["jobs"], responses=PROBLEM_RESPONSES)
 
 def present(job: Job) -> JobOut:
     return JobOut(
-        job=JobSummary(
-            id=job.id,
-            kind=job.kind.value,
-            state=job.state.value,
-            progress=job.progress,
-            attempts=job.attempts,
-            method=job.method,
-            error=job.error,
-        ),
+        job=JobSummary.model_validate(JobView.of(job), from_attributes=True),
         links={"self": f"/jobs/{job.id}"},
     )
 

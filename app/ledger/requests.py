@@ -43,6 +43,18 @@ class JobView:
     method: str | None
     error: str | None
 
+    @classmethod
+    def of(cls, job: Job) -> "JobView":
+        return cls(
+            job.id,
+            job.kind.value,
+            job.state.value,
+            job.progress,
+            job.attempts,
+            job.method,
+            job.error,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class RequestView:
@@ -93,19 +105,7 @@ def request_views(session: Session, requests: Sequence[DeletionRequest]) -> list
                 completed_at=as_utc(r.completed_at) if r.completed_at else None,
                 error=r.error,
                 certificate=r.certificate,
-                job=(
-                    JobView(
-                        id=job.id,
-                        kind=job.kind.value,
-                        state=job.state.value,
-                        progress=job.progress,
-                        attempts=job.attempts,
-                        method=job.method,
-                        error=job.error,
-                    )
-                    if job
-                    else None
-                ),
+                job=JobView.of(job) if job else None,
                 completed_in_version=(
                     versions.get(r.completed_version_id) if r.completed_version_id else None
                 ),
