@@ -48,6 +48,7 @@ bench: system-deps install
 	$(BIN)/python -m bench.bench_pipeline
 	$(BIN)/python bench/bench_training.py --repeats 5 --epochs 5
 	$(BIN)/python bench/bench_rollback.py
+	$(BIN)/python bench/bench_delta_parts.py --repeats 10
 	$(BIN)/python bench/bench_audit.py --out docs/benchmarks
 
 clean:
