@@ -29,6 +29,7 @@ class RelabelConfig:
     copies: int = 10  # no published value; Graves only says "a small number"
     steps: int = 60
     seed: int = 0
+    lr_scale: float = 1.0  # of the first run's learning rate
 
 
 def wrong_label_copies(forget: SampleSet, copies: int, seed: int) -> SampleSet:
@@ -77,7 +78,7 @@ def relabel_unlearning(
         version,
         model,
         mixed,
-        continued_config(session, parent, config.steps, seed_offset=config.seed + version.id),
+        continued_config(session, parent, config.steps, config.seed + version.id, config.lr_scale),
         device,
         kind="relabel",
         progress=progress,
