@@ -7,7 +7,7 @@ from sqlalchemy.orm import Session
 
 from app.ledger.clock import utcnow
 from app.ledger.errors import NotFound, StateConflict
-from app.ledger.tables import Audit
+from app.ledger.tables import Audit, ModelVersion
 
 RUNNING, DONE = "running", "done"
 
@@ -16,6 +16,20 @@ def latest_audit(session: Session, version_id: int) -> Audit | None:
     return session.scalars(
         select(Audit).where(Audit.version_id == version_id).order_by(Audit.id.desc()).limit(1)
     ).first()
+
+
+def finished_audits_of_method(
+    session: Session, method: str, limit: int = 20
+) -> list[tuple[ModelVersion, Audit]]:
+    """The newest finished audits of versions that ``method`` made, with their versions."""
+    rows = session.execute(
+        select(ModelVersion, Audit)
+        .join(Audit, Audit.version_id == ModelVersion.id)
+        .where(ModelVersion.method == method, Audit.state == DONE)
+        .order_by(Audit.id.desc())
+        .limit(limit)
+    )
+    return [(version, audit) for version, audit in rows]
 
 
 def create_audit(session: Session, version_id: int, job_id: int | None = None) -> Audit:

@@ -8,6 +8,7 @@ import torch
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.ledger.audits import create_audit, finish_audit
 from app.ledger.errors import StateConflict
 from app.ledger.provenance import (
     StepRef,
@@ -17,12 +18,19 @@ from app.ledger.provenance import (
     step_deltas,
     steps_of_samples,
 )
-from app.ledger.tables import ModelVersion, Split
+from app.ledger.tables import ModelVersion, Split, VersionState
 from tests.unit.worker_support import digits_store, ledger_session
 from worker.data import SampleSet, load_samples, load_split
 from worker.nets import tracked_entries
 from worker.store import ArtifactStore
-from worker.training import TrainConfig, accuracy, load_model, train_first_version
+from worker.training import (
+    TrainConfig,
+    accuracy,
+    load_model,
+    model_spec,
+    new_version,
+    train_first_version,
+)
 from worker.unlearning import (
     LADDER,
     PlannerPolicy,
@@ -234,3 +242,37 @@ def members_of_run(session: Session, run_id: int | None, ids: list[str]) -> set[
         for sid, refs in steps_of_samples(session, ids).items()
         if any(r == run_id for r, _ in refs)
     }
+
+
+def test_the_planner_learns_relabels_cost_from_past_audits(ctx: Trained) -> None:
+    ten = ctx.train.sample_ids[100:110]
+    before = plan(ctx.session, ctx.v1, ten)
+    assert before.relabel_rate_observed_in == 0 and before.method == "relabel"
+
+    # A past relabel of ten samples that cost 5 test points, as its audit recorded.
+    past = new_version(
+        ctx.session,
+        model_spec(ctx.v1),
+        method="relabel",
+        state=VersionState.rejected,
+        parent_id=ctx.v1.id,
+        details={"dataset": "digits", "forget": ctx.train.sample_ids[200:210]},
+    )
+    audit = create_audit(ctx.session, past.id)
+    drop = {"rule": "test_accuracy_drop", "passed": False, "value": 5.0}
+    finish_audit(
+        ctx.session,
+        audit.id,
+        metrics={},
+        decision="fail",
+        thresholds={},
+        reasons=[drop],
+        artifacts={},
+        report_key="",
+    )
+
+    after = plan(ctx.session, ctx.v1, ten)
+    relabel = next(rung for rung in after.ladder if rung.method == "relabel")
+    assert after.relabel_rate_observed_in == 1
+    assert relabel.predicted_test_drop_points == pytest.approx(5.0)
+    assert after.method == "retrain-exact"

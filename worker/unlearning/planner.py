@@ -8,13 +8,21 @@ to 1% of the batches and a collapse at 10%, and bench/bench_rollback.py on digit
 0 points at 1.8% of the steps and 53 points at 16% (2000 x share^2 gives 0.6 and 53). A short
 fine-tune on retained data recovers most of the drop ("a small amount of training corrects
 that"): 60 steps at a tenth of the learning rate take 46 points back to 0, and 91 to 11.
+
+Relabel's drop grows with the share of training samples relabelled, at a rate that differs a
+lot between runs (bench/bench_relabel.py: 10 samples cost 1.5 to 6.3 points on one digits run
+and -0.7 to 1.5 on another). So once the data set has audited relabel candidates, the planner
+uses their median observed rate instead of the default: a rung that keeps failing the accuracy
+rule stops being tried first.
 """
 
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
 
+from app.ledger.audits import finished_audits_of_method
 from app.ledger.provenance import StepRef
 from app.ledger.samples import sample_ids
 from app.ledger.tables import ModelVersion, SampleState, Split
@@ -28,7 +36,8 @@ class PlannerPolicy:
     max_test_drop_points: float = 1.0  # the gate's default budget
     rollback_points_per_squared_share: float = 2000.0  # 1% of the steps: 0.2 points; 10%: 20
     repair_remaining_share: float = 0.1  # the part of the rollback drop a repair leaves
-    relabel_points_per_sample_share: float = 50.0  # 1% of the training samples: 0.5 points
+    # 1% of the training samples: 0.5 points, until the data set's relabel audits say otherwise
+    relabel_points_per_sample_share: float = 50.0
 
 
 @dataclass(frozen=True)
@@ -46,6 +55,8 @@ class Plan:
     affected_share: float  # of the lineage's recorded steps
     forget_share: float  # of the active training samples
     ladder: list[Rung]
+    relabel_rate: float  # the points per sample share used for relabel's prediction
+    relabel_rate_observed_in: int  # audits it was learned from; 0: the policy's default
 
     @property
     def method(self) -> str:
@@ -63,10 +74,14 @@ def plan(
     active = len(sample_ids(session, rollback.dataset, Split.train, SampleState.active))
     forget_share = len(forget_ids) / active if active else 1.0
     rollback_drop = min(100.0, policy.rollback_points_per_squared_share * rollback.share**2)
+    observed = observed_relabel_rates(session, rollback.dataset, active)
+    relabel_rate = (
+        statistics.median(observed) if observed else policy.relabel_points_per_sample_share
+    )
     predictions = {
         "amnesiac": rollback_drop,
         "amnesiac+repair": rollback_drop * policy.repair_remaining_share,
-        "relabel": policy.relabel_points_per_sample_share * forget_share,
+        "relabel": relabel_rate * forget_share,
         "retrain-exact": 0.0,
     }
     return Plan(
@@ -79,4 +94,19 @@ def plan(
             Rung(method, drop, drop <= policy.max_test_drop_points or method == LADDER[-1])
             for method, drop in predictions.items()
         ],
+        relabel_rate=relabel_rate,
+        relabel_rate_observed_in=len(observed),
     )
+
+
+def observed_relabel_rates(session: Session, dataset: str, active: int) -> list[float]:
+    """Test accuracy points lost per unit of forget share, for each audited relabel candidate
+    of ``dataset`` (a gain counts as no loss; the share is taken against today's active
+    training samples)."""
+    rates = []
+    for version, audit in finished_audits_of_method(session, "relabel"):
+        drop = next((r["value"] for r in audit.reasons if r["rule"] == "test_accuracy_drop"), None)
+        forgotten = len(version.details.get("forget", []))
+        if version.details.get("dataset") == dataset and drop is not None and forgotten and active:
+            rates.append(max(0.0, float(drop)) * active / forgotten)
+    return rates
