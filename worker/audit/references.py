@@ -111,11 +111,10 @@ def reference_set(
     """The cached reference models for this configuration, trained now if missing."""
     prefix = f"{REFERENCES_PREFIX}/{configuration_key(dataset, spec, config, pool, count, seed)}"
     halves = [random_half(pool, seed + i) for i in range(count)]
-    members = [[pool.sample_ids[j] for j in half] for half in halves]
-    # Written before any model, so that a purge finds even a half-built folder.
-    store.put_json(
-        f"{prefix}/manifest.json", {"pool": pool.sample_ids, "members": members, "count": count}
-    )
+    manifest = f"{prefix}/manifest.json"
+    if not store.exists(manifest):  # before any model, so that a purge finds a half-built folder
+        members = [[pool.sample_ids[j] for j in half] for half in halves]
+        store.put_json(manifest, {"pool": pool.sample_ids, "members": members, "count": count})
     references = ReferenceSet(store, prefix, spec, config, pool, halves, seed)
     for i, half in enumerate(halves):
         references.cached(

@@ -55,8 +55,7 @@ class Plan:
     affected_share: float  # of the lineage's recorded steps
     forget_share: float  # of the active training samples
     ladder: list[Rung]
-    relabel_rate: float  # the points per sample share used for relabel's prediction
-    relabel_rate_observed_in: int  # audits it was learned from; 0: the policy's default
+    relabel_rate_observed_in: int  # audits relabel's prediction was learned from; 0: default
 
     @property
     def method(self) -> str:
@@ -94,7 +93,6 @@ def plan(
             Rung(method, drop, drop <= policy.max_test_drop_points or method == LADDER[-1])
             for method, drop in predictions.items()
         ],
-        relabel_rate=relabel_rate,
         relabel_rate_observed_in=len(observed),
     )
 
@@ -103,10 +101,12 @@ def observed_relabel_rates(session: Session, dataset: str, active: int) -> list[
     """Test accuracy points lost per unit of forget share, for each audited relabel candidate
     of ``dataset`` (a gain counts as no loss; the share is taken against today's active
     training samples)."""
+    if not active:
+        return []
     rates = []
     for version, audit in finished_audits_of_method(session, "relabel"):
         drop = next((r["value"] for r in audit.reasons if r["rule"] == "test_accuracy_drop"), None)
         forgotten = len(version.details.get("forget", []))
-        if version.details.get("dataset") == dataset and drop is not None and forgotten and active:
+        if version.details.get("dataset") == dataset and drop is not None and forgotten:
             rates.append(max(0.0, float(drop)) * active / forgotten)
     return rates
