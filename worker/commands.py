@@ -30,7 +30,8 @@ def add_worker_commands(commands: "argparse._SubParsersAction[argparse.ArgumentP
     train.add_argument(
         "--dataset",
         default="digits",
-        help="digits, mnist, fashion-mnist, cifar10, cifar100 or imagefolder",
+        help="digits, digits-noisy (a fifth of the labels wrong: models memorise), mnist, "
+        "fashion-mnist, cifar10, cifar100 or imagefolder",
     )
     train.add_argument("--data-root", type=Path, help="folder of a torchvision data set")
     train.add_argument("--manifest", type=Path, help="imagefolder CSV: sample_id,path,label")

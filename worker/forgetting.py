@@ -40,6 +40,7 @@ from app.ledger.versions import (
 )
 from app.settings import Settings
 from worker.audit import GatePolicy, run_audit
+from worker.audit.gate import AuditDecision
 from worker.audit.references import purge_reference_caches
 from worker.data import erase_samples
 from worker.devices import resolve_device
@@ -119,7 +120,7 @@ def forget(
         span = within(progress, 100 * number // len(rungs), 100 * (number + 1) // len(rungs))
         candidate, rung = _try_rung(session, store, job, parent, forget_ids, method, device, span)
         tried.append(rung)
-        if rung.decision == "pass":
+        if rung.decision == AuditDecision.passed:
             _complete(session, job, candidate, requests, tried)
             return candidate
         session.commit()  # the rejected candidate and its audit stay for the operator to read
@@ -194,7 +195,8 @@ def _try_rung(
             outcome="rejected",
             details={"method": method, "audit": audit.audit_id, "reasons": audit.reasons},
         )
-    return candidate, _rung(candidate, audit.audit_id, audit.decision, audit.reasons)
+    decision = AuditDecision.passed if audit.passed else AuditDecision.failed
+    return candidate, _rung(candidate, audit.audit_id, decision, audit.reasons)
 
 
 def _complete(

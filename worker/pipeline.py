@@ -35,7 +35,7 @@ def run_job(session: Session, job: Job, progress: Progress, *, settings: Setting
 def _train(session: Session, job: Job, progress: Progress, settings: Settings) -> str:
     """Ingests the data set (re-runnable) and trains a version with provenance; the version
     serves at once only when nothing serves yet (``train_first_version``)."""
-    from worker.audit import prepare_audits
+    from worker.audit import prepare_audits, run_baseline_audit
     from worker.data import SourceUnavailable, ingest, open_source
     from worker.devices import resolve_device
     from worker.store import ArtifactStore
@@ -70,8 +70,9 @@ def _train(session: Session, job: Job, progress: Progress, settings: Settings) -
         within(progress, 0, 60 if prepare else 100),
     )
     version.job_id = job.id
-    if prepare:
-        prepare_audits(session, store, version, device)
+    if prepare:  # the reference models, then the trained version's own (baseline) audit
+        prepare_audits(session, store, version, device, progress=within(progress, 60, 95))
+        run_baseline_audit(session, store, version, device, job_id=job.id)
     return "train"
 
 

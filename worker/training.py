@@ -204,8 +204,11 @@ def train(
     *,
     recorder: ProvenanceRecorder | None = None,
     progress: Progress | None = None,
+    stop: Callable[[int], bool] | None = None,
 ) -> TrainResult:
-    """Trains ``model`` in place on ``data`` with cross-entropy; the data order is seeded."""
+    """Trains ``model`` in place on ``data`` with cross-entropy; the data order is seeded.
+    ``stop``, if given, is asked after every step (with the number of steps taken) whether to
+    end early."""
     if len(data) == 0:
         raise ValueError("nothing to train on: the data set is empty")
     model.to(device).train()
@@ -227,6 +230,8 @@ def train(
                     recorder.record(step, [data.sample_ids[i] for i in batch.tolist()])
                 step += 1
                 reporter.update(step)
+                if stop is not None and stop(step):
+                    total = step
             if recorder:
                 recorder.flush()
     except BaseException:
@@ -258,6 +263,7 @@ def train_recorded(
     spec: ModelSpec,
     base_version_id: int | None = None,
     progress: Progress | None = None,
+    stop: Callable[[int], bool] | None = None,
 ) -> RecordedRun:
     """``train`` inside a new training run of the ledger, every step recorded."""
     run = create_run(
@@ -272,7 +278,7 @@ def train_recorded(
     )
     run.store_prefix = f"runs/{run.id}"
     recorder = ProvenanceRecorder(session, store, run.id, config.delta_dtype)
-    result = train(model, data, config, device, recorder=recorder, progress=progress)
+    result = train(model, data, config, device, recorder=recorder, progress=progress, stop=stop)
     finish_run(session, run.id, result.steps)
     return RecordedRun(run.id, result.steps, recorder.delta_bytes)
 

@@ -213,3 +213,26 @@ def lineage(session: Session, version_id: int) -> list[ModelVersion]:
         chain.append(version)
         current = version.parent_id
     return chain
+
+
+def weight_lineage(session: Session, version: ModelVersion) -> list[ModelVersion]:
+    """The version and its ancestors whose recorded steps make up its weights, newest first:
+    back to (and with) the last version trained from scratch."""
+    chain = []
+    for ancestor in lineage(session, version.id):
+        chain.append(ancestor)
+        if (
+            ancestor.run_id is not None
+            and get_run(session, ancestor.run_id).base_version_id is None
+        ):
+            break
+    return chain
+
+
+def lineage_runs(session: Session, chain: Sequence[ModelVersion]) -> list[TrainingRun]:
+    return [get_run(session, v.run_id) for v in chain if v.run_id is not None]
+
+
+def root_run(session: Session, version: ModelVersion) -> TrainingRun:
+    """The from-scratch run at the start of the version's weight lineage."""
+    return lineage_runs(session, weight_lineage(session, version))[-1]

@@ -225,8 +225,8 @@ def test_planner_reports_the_share_and_climbs_the_ladder(ctx: Trained) -> None:
     one = [ctx.train.sample_ids[0]]
     total = get_run(ctx.session, ctx.v1.run_id).num_steps
 
-    generous = plan(ctx.session, ctx.v1, one, PlannerPolicy(max_test_drop_points=100))
-    strict = plan(ctx.session, ctx.v1, one, PlannerPolicy(max_test_drop_points=0))
+    generous = plan(ctx.session, ctx.v1, one, PlannerPolicy(max_predicted_drop_points=100))
+    strict = plan(ctx.session, ctx.v1, one, PlannerPolicy(max_predicted_drop_points=0))
 
     assert generous.total_steps == total and len(generous.affected_steps) == CONFIG.epochs
     assert generous.affected_share == pytest.approx(CONFIG.epochs / total)
@@ -259,14 +259,13 @@ def test_the_planner_learns_relabels_cost_from_past_audits(ctx: Trained) -> None
         details={"dataset": "digits", "forget": ctx.train.sample_ids[200:210]},
     )
     audit = create_audit(ctx.session, past.id)
-    drop = {"rule": "test_accuracy_drop", "passed": False, "value": 5.0}
     finish_audit(
         ctx.session,
         audit.id,
-        metrics={},
+        metrics={"utility": {"test": {"drop_points": 5.0}}},
         decision="fail",
         thresholds={},
-        reasons=[drop],
+        reasons=[],
         artifacts={},
         report_key="",
     )

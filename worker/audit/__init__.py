@@ -6,6 +6,13 @@ and ``AuditResult.reasons`` gives the outcome and reason of every gate rule.
 
 from worker.audit.config import AuditConfig
 from worker.audit.gate import GatePolicy
-from worker.audit.runner import AuditResult, prepare_audits, run_audit
+from worker.audit.runner import AuditResult, prepare_audits, run_audit, run_baseline_audit
 
-__all__ = ["AuditConfig", "AuditResult", "GatePolicy", "prepare_audits", "run_audit"]
+__all__ = [
+    "AuditConfig",
+    "AuditResult",
+    "GatePolicy",
+    "prepare_audits",
+    "run_audit",
+    "run_baseline_audit",
+]

@@ -123,7 +123,9 @@ def class_inversion(
         name: evaluator_scores(judge, images, classes) for name, images in inverted.items()
     }
     figures.update(
-        forget_classes=sorted(forget_classes), iterations=config.class_inversion_iterations
+        forget_classes=sorted(forget_classes),
+        iterations=config.class_inversion_iterations,
+        has_power=figures["parent"]["recognised_share"] > 1 / num_classes,
     )
     images = {
         f"inversion_class_{k}.png": png_grid(

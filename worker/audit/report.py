@@ -12,26 +12,52 @@ from worker.audit.mia import AttackOutcome
 from worker.audit.stats import roc_points
 
 DEFINITIONS = {
+    "per_sample": "The gate's membership rule. Per erased sample x, phi(x) = log(p_y / (1 - "
+    "p_y)) standardised by a difficulty curve: location (quadratic) and scale (log-linear) of "
+    "phi against the reference models' median phi, fitted on the never-seen samples (held-out "
+    "and test) under the same model. p_leak / p_over: share of never-seen samples at least as "
+    "high / as low (1 / (|Z| + 1) at best). Holm over the 2|F| p-values, and for |F| > 1 a "
+    "Mann-Whitney test per tail of F against the never-seen samples (set_level_p). "
+    "control_p_leak: the same under the parent, which trained on x; at or above control_alpha "
+    "the sample carries no measurable membership signal (no-signal). retained_power: share of "
+    "retained members flagged at this job's first Holm threshold (how visible membership is "
+    "in this model); control_power: share of F measurably member-like in the parent.",
+    "two_version_change": "The gate's two-version rule. Per sample, how far the scaled logit of "
+    "the true class fell from parent to candidate, standardised by the median and spread of "
+    "the never-seen samples' changes; compared with the same standardised change of members "
+    "deleted by exact retraining in the shadow pairs (baseline). p_value: one-sided "
+    "Mann-Whitney (F moved further than exact retraining moves a deleted sample); "
+    "per_sample_p: share of the baseline that moved at least as far.",
+    "baseline": "The audit of a trained version (no parent, no gate): accuracy on held-out, "
+    "test and a sample of its training members; member_auc: AUC of those members' "
+    "standardised scores (as per_sample) against the never-seen samples; "
+    "measurably_remembered: share of them with p_leak below the gate's control_alpha.",
     "utility": "Top-1 accuracy of parent and candidate on F (the erased samples), on the "
     "retained training samples and on the test set T; drop_points = 100 * (parent - "
-    "candidate).",
-    "shadow": "Graves et al.'s membership attack (Shokri/Yeom): one MLP (256-128, ReLU, "
+    "candidate). paired: the gate's accuracy rule on the never-seen samples (held-out and "
+    "test): parent_only / candidate_only = samples only that model gets right; se_points = "
+    "standard error of the paired difference; p_worse = one-sided exact McNemar p-value.",
+    "shadow": "Reported, not a gate rule. "
+    "Graves et al.'s membership attack (Shokri/Yeom): one MLP (256-128, ReLU, "
     "dropout 0.5) per class on the sorted softmax vector, trained on the reference models' "
     "pool halves (members they classify correctly vs non-members). recall_forget = share of F "
     "called member (the paper's Table 1 counts only correctly classified samples: "
     "recall_forget_correct); fpr_heldout = share of H called member; AUC uses the attack's "
     "probability.",
-    "calibrated": "Loss attack on the candidate alone: score = log(p_y / (1 - p_y)), a "
+    "calibrated": "Reported, not a gate rule. "
+    "Loss attack on the candidate alone: score = log(p_y / (1 - p_y)), a "
     "monotone function of the loss; threshold set on H at the target FPR; TPR on F with "
     "Clopper-Pearson interval; AUC(F vs H) with Hanley-McNeil interval (0.5 = F "
     "indistinguishable from unseen data; far below 0.5 = over-unlearning). mia_efficacy: "
     "SalUn's share of F that an RBF SVC on confidence (retained vs test) calls non-member; "
     "compare it with exact retraining, do not maximise it.",
-    "lira": "Offline LiRA (Carlini et al.): per sample, z = (scaled logit on the candidate - "
+    "lira": "Reported, not a gate rule. "
+    "Offline LiRA (Carlini et al.): per sample, z = (scaled logit on the candidate - "
     "mean over reference models that never saw it) / a global sigma; TPR on F at fixed FPRs "
     "over H with Clopper-Pearson intervals, AUC. With |H| samples the smallest nonzero FPR is "
     "1/|H|: below that the threshold is the largest H score.",
-    "two_version": "Chen et al.'s attack on (parent, candidate) posteriors, per feature "
+    "two_version": "Reported, not a gate rule. "
+    "Chen et al.'s attack on (parent, candidate) posteriors, per feature "
     "(direct_diff, sorted_diff, direct_concat, l2_distance; basic_mia = the classical attack "
     "on the parent alone), an MLP trained on shadow pairs (a reference model and its twin "
     "retrained exactly without one member). AUC(F vs H); DegCount = share of samples on "
@@ -41,11 +67,16 @@ DEFINITIONS = {
     "of the erased samples' loss; inputs rebuilt by cosine gradient matching with a TV prior "
     "(bounded iterations, true labels given). PSNR (dB) / SSIM against the true samples; "
     "chance_psnr = PSNR of held-out images of the same class. inferred_label: the class "
-    "whose test-set confidence fell most from parent to candidate.",
+    "whose test-set confidence fell most from parent to candidate. positive_control: the "
+    "same attack, same budget, on the exact one-step gradient of one erased sample; "
+    "has_power = false means the budget rebuilds nothing even there, so beats_chance on the "
+    "candidate says nothing either way.",
     "class_inversion": "Graves et al.'s model inversion (gradient steps from faint noise, "
     "denoising every n steps, fixed iterations) for every class, on parent and candidate; an "
     "evaluator trained on the disjoint pool gives the confidence that each inversion shows "
-    "its class and whether it is recognised (its argmax).",
+    "its class and whether it is recognised (its argmax). has_power: the parent's inversions "
+    "(the positive control: the parent knows every class) are recognised more often than "
+    "chance; without it, the candidate's figures say nothing.",
 }
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
-from scipy.stats import beta, norm
+from scipy.stats import beta, binom, norm
 from sklearn.metrics import roc_auc_score, roc_curve
 
 CONFIDENCE = 0.95
@@ -94,3 +94,23 @@ def roc_points(positive: ArrayLike, negative: ArrayLike) -> tuple[np.ndarray, np
     truth = np.concatenate([np.ones(len(pos)), np.zeros(len(neg))])
     fpr, tpr, _ = roc_curve(truth, np.concatenate([pos, neg]))
     return fpr, tpr
+
+
+def paired_accuracy(parent_correct: ArrayLike, candidate_correct: ArrayLike) -> dict[str, Any]:
+    """Paired comparison of two models on the same samples: the discordant counts, the accuracy
+    drop in points with its standard error, and the one-sided exact McNemar p-value of "the
+    candidate makes more errors than the parent" (the binomial tail of the discordant pairs)."""
+    parent, candidate = np.asarray(parent_correct, bool), np.asarray(candidate_correct, bool)
+    parent_only = int((parent & ~candidate).sum())
+    candidate_only = int((~parent & candidate).sum())
+    n, discordant = len(parent), parent_only + candidate_only
+    difference = parent_only - candidate_only
+    variance = max(discordant - difference**2 / n, 0.0) if n else 0.0
+    return {
+        "n": n,
+        "parent_only": parent_only,
+        "candidate_only": candidate_only,
+        "drop_points": 100 * difference / n if n else 0.0,
+        "se_points": 100 * math.sqrt(variance) / n if n else 0.0,
+        "p_worse": float(binom.sf(parent_only - 1, discordant, 0.5)) if discordant else 1.0,
+    }

@@ -17,6 +17,7 @@ from torch.nn import functional
 from worker.audit.config import AuditConfig
 from worker.audit.images import png_grid, psnr, ssim, total_variation
 from worker.data import SampleSet
+from worker.store import ArtifactStore
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ def unlearning_inversion(
     heldout: SampleSet,
     config: AuditConfig,
     device: torch.device,
+    control: dict[str, Any],
 ) -> UnlearningInversion:
     """Rebuilds up to ``inversion_max_samples`` erased samples jointly, with their true labels
     (as Hu et al.'s code does: the strongest attacker), and matches each rebuilt image to the
@@ -113,6 +115,7 @@ def unlearning_inversion(
     rebuilt, matched = rebuilt[rows], truth[cols]  # the true sample each one came closest to
     label = infer_label(probes["parent"], probes["candidate"], forget.num_classes)
     psnrs, ssims = psnr(rebuilt, matched).tolist(), ssim(rebuilt, matched).tolist()
+    chance = chance_psnr(shown, heldout)
     return UnlearningInversion(
         {
             "samples_rebuilt": len(shown),
@@ -121,12 +124,63 @@ def unlearning_inversion(
             "ssim": ssims,
             "psnr_mean": float(np.mean(psnrs)),
             "ssim_mean": float(np.mean(ssims)),
-            "chance_psnr": chance_psnr(shown, heldout),
+            "chance_psnr": chance,
+            "beats_chance": chance is not None and float(np.mean(psnrs)) > chance,
+            "positive_control": control,
             "inferred_label": label,
             "label_correct": label["label"] in set(forget.labels.tolist()),
         },
         png_grid([rebuilt]),
     )
+
+
+def positive_control(
+    store: ArtifactStore,
+    weights_sha256: str | None,
+    model: nn.Module,
+    heldout: SampleSet,
+    config: AuditConfig,
+    device: torch.device,
+) -> dict[str, Any]:
+    """The attack on the easiest case it could face, at the same budget: the weight change of
+    one step on one sample alone (its exact gradient; the first held-out sample, which no model
+    trained on). If the rebuilt image does not beat the same-class chance PSNR there, the attack
+    has no power at this budget, and its figures on a candidate say nothing either way. Kept
+    by the model's weights: a parent is the control of every candidate of its jobs."""
+    budget = f"{config.inversion_iterations}-{config.inversion_tv_weight:g}"
+    key = f"audits/inversion-controls/{weights_sha256}-{budget}.json"
+    if weights_sha256 is not None and store.exists(key):
+        cached: dict[str, Any] = store.get_json(key)
+        return cached
+    sample = heldout.select([0])
+    others = heldout.select(range(1, len(heldout)))
+    figures = control_figures(model, sample, others, config, device)
+    if weights_sha256 is not None:
+        store.put_json(key, figures)
+    return figures
+
+
+def control_figures(
+    model: nn.Module,
+    sample: SampleSet,
+    others: SampleSet,
+    config: AuditConfig,
+    device: torch.device,
+) -> dict[str, Any]:
+    model.to(device).eval()
+    inputs, labels = sample.inputs(slice(None)).to(device), sample.labels.to(device)
+    loss = functional.cross_entropy(model(inputs), labels)
+    gradient = [g.detach() for g in torch.autograd.grad(loss, list(model.parameters()))]
+    channels, height, width = inputs.shape[1:]
+    shape = (channels, height, width)
+    rebuilt = reconstruct(model, gradient, labels, shape, config, device).cpu()
+    value = float(psnr(rebuilt, inputs.cpu()).mean())
+    chance = chance_psnr(sample, others)
+    return {
+        "psnr": value,
+        "chance_psnr": chance,
+        "has_power": chance is not None and value > chance,
+    }
 
 
 def chance_psnr(samples: SampleSet, heldout: SampleSet) -> float | None:

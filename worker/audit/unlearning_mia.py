@@ -1,19 +1,25 @@
-"""Chen et al.'s two-version attack: given the posteriors of the parent (p_o) and of the
-candidate (p_u) on a sample, was it the one deleted? Trained on shadow pairs (a reference
-model and its twin retrained exactly without one member; see ``references``), scored on F
-(deleted) against H (never members), and compared with the classical attack on p_o alone
-(DegCount / DegRate: how much publishing both versions adds)."""
+"""What publishing two versions leaks (Chen et al.): given the parent's and the candidate's
+predictions on a sample, was it the one deleted?
 
-from collections.abc import Callable
+- ``two_version_change`` (the gate's rule): how far each sample of F moved from the parent to
+  the candidate, judged against how far exact retraining moves a deleted sample: the shadow
+  pairs (a reference model and its twin retrained exactly without one member; see
+  ``references``) give that baseline.
+- ``two_version_mia`` (reported): Chen et al.'s learned attacks on posterior features, trained
+  on the shadow pairs, scored on F (deleted) against H (never members), and compared with the
+  classical attack on the parent alone (DegCount / DegRate: how much both versions add)."""
+
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
+from scipy.stats import mannwhitneyu
 
 from worker.audit.attack_models import fit_attack, member_probability, stacked_state, unstack_state
 from worker.audit.config import AuditConfig
 from worker.audit.mia import AttackOutcome
-from worker.audit.posteriors import logits
+from worker.audit.posteriors import logits, scaled_logit
 from worker.audit.references import ReferenceSet, train_model
 from worker.audit.stats import auc_with_interval, rates_at_fpr
 from worker.nets import build_model
@@ -39,20 +45,18 @@ CLASSICAL = "basic_mia"
 def shadow_pairs(
     references: ReferenceSet, config: AuditConfig, device: torch.device
 ) -> dict[str, torch.Tensor]:
-    """Rows (p_o, p_u, deleted?): for each removed member, itself (deleted) and one random
-    non-member of the same shadow (not deleted), queried on the same pair: balanced 1:1."""
+    """For each removal: the reference it came from, the member removed, and the logits of the
+    reference (before) and of its twin retrained exactly without that member (after) on the
+    whole pool."""
 
     def build() -> dict[str, torch.Tensor]:
         pool = references.pool
-        p_o, p_u, deleted = [], [], []
+        shadow, removed, before, after = [], [], [], []
         for s in range(min(config.pair_shadows, len(references.members))):
             half = references.members[s]
-            outside = sorted(set(range(len(pool))) - set(half))
             chooser = np.random.default_rng(references.seed + s)
-            removed = chooser.choice(half, config.removals_per_shadow, replace=False)
-            queried = chooser.choice(outside, config.removals_per_shadow, replace=False)
-            original = references.reference(s, device)
-            for member, other in zip(removed.tolist(), queried.tolist(), strict=True):
+            original = logits(references.reference(s, device), pool, device)
+            for member in chooser.choice(half, config.removals_per_shadow, replace=False):
                 twin = build_model(references.spec)
                 kept = [j for j in half if j != member]
                 twin.load_state_dict(
@@ -64,19 +68,87 @@ def shadow_pairs(
                         device,
                     )
                 )
-                rows = pool.select([member, other])
-                p_o.append(logits(original, rows, device).softmax(dim=1))
-                p_u.append(logits(twin, rows, device).softmax(dim=1))
-                deleted.append(torch.tensor([True, False]))
-        return {"p_o": torch.cat(p_o), "p_u": torch.cat(p_u), "deleted": torch.cat(deleted)}
+                shadow.append(s)
+                removed.append(int(member))
+                before.append(original)
+                after.append(logits(twin, pool, device))
+        return {
+            "shadow": torch.tensor(shadow),
+            "removed": torch.tensor(removed),
+            "before": torch.stack(before),
+            "after": torch.stack(after),
+        }
 
-    return references.cached("two-version-pairs", build)
+    return references.cached("shadow-pairs", build)
+
+
+def removals(
+    references: ReferenceSet, pairs: dict[str, torch.Tensor]
+) -> Iterator[tuple[int, int, list[int]]]:
+    """(row, removed member, the non-members of its shadow) of every removal."""
+    shadows, members = pairs["shadow"].tolist(), pairs["removed"].tolist()
+    everyone = set(range(len(references.pool)))
+    for row, (s, member) in enumerate(zip(shadows, members, strict=True)):
+        yield row, member, sorted(everyone - set(references.members[s]))
+
+
+def pair_rows(references: ReferenceSet, pairs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Chen et al.'s training rows, balanced 1:1: each removed member (deleted) and one random
+    non-member of its shadow (not deleted), queried on the same pair, as posteriors."""
+    p_o, p_u, deleted = [], [], []
+    for r, member, outside in removals(references, pairs):
+        other = int(np.random.default_rng(references.seed + r).choice(outside))
+        rows = [member, other]
+        p_o.append(pairs["before"][r, rows].softmax(dim=1))
+        p_u.append(pairs["after"][r, rows].softmax(dim=1))
+        deleted.append(torch.tensor([True, False]))
+    return {"p_o": torch.cat(p_o), "p_u": torch.cat(p_u), "deleted": torch.cat(deleted)}
+
+
+def standardised_change(change: np.ndarray, never_seen: np.ndarray) -> np.ndarray:
+    """How far a sample's prediction moved (drop of the true class's scaled logit), relative to
+    the median and spread of the moves of samples neither model saw."""
+    centre = float(np.median(never_seen))
+    spread = 1.4826 * float(np.median(np.abs(never_seen - centre))) or 1.0
+    standardised: np.ndarray = (change - centre) / spread
+    return standardised
+
+
+def exact_retrain_changes(references: ReferenceSet, pairs: dict[str, torch.Tensor]) -> np.ndarray:
+    """The baseline: the standardised change of every member deleted by exact retraining in
+    the shadow pairs, against the non-members of its shadow."""
+    labels = references.pool.labels.cpu()
+    baseline = []
+    for r, member, outside in removals(references, pairs):
+        change = (
+            scaled_logit(pairs["before"][r], labels) - scaled_logit(pairs["after"][r], labels)
+        ).numpy()
+        baseline.append(standardised_change(change[[member]], change[outside])[0])
+    return np.asarray(baseline)
+
+
+def two_version_change(
+    baseline: np.ndarray, forget_change: np.ndarray, null_change: np.ndarray
+) -> dict[str, Any]:
+    """Does F's prediction change from the parent to the candidate exceed what an exact retrain
+    makes a deleted sample move? One-sided Mann-Whitney of F's standardised changes against the
+    baseline's; per sample, the share of the baseline that moved at least as far."""
+    forget = standardised_change(forget_change, null_change)
+    at_least = (1 + (baseline[None, :] >= forget[:, None]).sum(axis=1)) / (len(baseline) + 1)
+    return {
+        "p_value": float(mannwhitneyu(forget, baseline, alternative="greater").pvalue),
+        "forget_median": float(np.median(forget)),
+        "baseline_median": float(np.median(baseline)),
+        "baseline_size": len(baseline),
+        "forget": forget.tolist(),
+        "per_sample_p": at_least.tolist(),
+    }
 
 
 def two_version_attacks(
     references: ReferenceSet, config: AuditConfig, device: torch.device
 ) -> dict[str, Any]:
-    pairs = shadow_pairs(references, config, device)
+    pairs = pair_rows(references, shadow_pairs(references, config, device))
     attacks = {}
     for name, feature in FEATURES.items():
         x = feature(pairs["p_o"], pairs["p_u"])

@@ -36,7 +36,10 @@ TORCHVISION_FILES = {
     ),
     "cifar100": ("cifar-100-python", ["train", "test", "meta"]),
 }
-SOURCES = ("digits", *TORCHVISION_FILES, "imagefolder")
+SOURCES = ("digits", "digits-noisy", *TORCHVISION_FILES, "imagefolder")
+# digits-noisy: a seeded fifth of the labels replaced by a wrong one. Models must memorise those
+# samples to fit them, so membership is measurable per sample (the audit's memorising case).
+NOISY_LABEL_SHARE = 0.2
 
 
 class SourceUnavailable(Exception):
@@ -57,6 +60,8 @@ def open_source(name: str, root: Path | None = None, manifest: Path | None = Non
     an image folder."""
     if name == "digits":
         return load_digits()
+    if name == "digits-noisy":
+        return with_label_noise(load_digits(), "digits-noisy", NOISY_LABEL_SHARE, seed=0)
     if name in TORCHVISION_FILES:
         if root is None:
             raise SourceUnavailable(f"{name} is read from a local folder: pass its root")
@@ -66,6 +71,29 @@ def open_source(name: str, root: Path | None = None, manifest: Path | None = Non
             raise SourceUnavailable("imagefolder needs a CSV manifest (sample_id,path,label)")
         return load_image_folder(manifest)
     raise SourceUnavailable(f"unknown source {name!r}; known: {', '.join(SOURCES)}")
+
+
+def with_label_noise(raw: RawDataset, name: str, share: float, seed: int) -> RawDataset:
+    """``raw`` under another name, a seeded ``share`` of its labels replaced by a wrong one
+    (adding 1..C-1 modulo C never gives back the true label). The sample IDs carry the new name,
+    so both data sets can live in one ledger."""
+    rng = np.random.default_rng(seed)
+    labels = raw.labels.copy()
+    noisy = rng.random(len(labels)) < share
+    labels[noisy] = (labels[noisy] + rng.integers(1, raw.num_classes, int(noisy.sum()))) % (
+        raw.num_classes
+    )
+    ids = [f"{name}-{sid.rsplit('-', 1)[-1]}" for sid in raw.sample_ids]
+    return RawDataset(name, ids, raw.images, labels, raw.num_classes)
+
+
+def noisy_label_ids(raw: RawDataset, clean: RawDataset) -> set[str]:
+    """The samples of ``raw`` whose label differs from ``clean``'s (same order)."""
+    return {
+        sid
+        for sid, label, truth in zip(raw.sample_ids, raw.labels, clean.labels, strict=True)
+        if label != truth
+    }
 
 
 def load_digits() -> RawDataset:

@@ -18,11 +18,13 @@ from torch import nn
 
 from app.ledger.provenance import (
     StepRef,
+    lineage_runs,
     mark_deltas_purged,
     mark_rolled_back,
     rolled_back_steps,
     step_deltas,
     steps_of_samples,
+    weight_lineage,
 )
 from app.ledger.tables import ModelVersion, StepDelta, VersionState
 from worker.nets import tracked_entries
@@ -38,9 +40,7 @@ from worker.unlearning.common import (
     continued_config,
     fine_tune_candidate,
     finish_candidate,
-    lineage_runs,
     retained_train_set,
-    weight_lineage,
     within,
 )
 

@@ -1,42 +1,19 @@
 """What every unlearning method needs: the lineage behind a version's weights, the retained
 data, the training settings to continue with, and the recording of the candidate."""
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import torch
 from sqlalchemy.orm import Session
 from torch import nn
 
-from app.ledger.provenance import get_run, lineage
-from app.ledger.tables import ModelVersion, Split, TrainingRun, VersionState
+from app.ledger.provenance import root_run
+from app.ledger.tables import ModelVersion, Split, VersionState
 from app.ledger.versions import transition_version
 from worker.data import SampleSet, load_split
 from worker.store import ArtifactStore
 from worker.training import Progress, TrainConfig, model_spec, store_weights, train_recorded
-
-
-def weight_lineage(session: Session, version: ModelVersion) -> list[ModelVersion]:
-    """The version and its ancestors whose recorded steps make up its weights, newest first:
-    back to (and with) the last version trained from scratch."""
-    chain = []
-    for ancestor in lineage(session, version.id):
-        chain.append(ancestor)
-        if (
-            ancestor.run_id is not None
-            and get_run(session, ancestor.run_id).base_version_id is None
-        ):
-            break
-    return chain
-
-
-def lineage_runs(session: Session, chain: Sequence[ModelVersion]) -> list[TrainingRun]:
-    return [get_run(session, v.run_id) for v in chain if v.run_id is not None]
-
-
-def root_run(session: Session, version: ModelVersion) -> TrainingRun:
-    """The from-scratch run at the start of the version's weight lineage."""
-    return lineage_runs(session, weight_lineage(session, version))[-1]
 
 
 def continued_config(
@@ -71,9 +48,11 @@ def fine_tune_candidate(
     *,
     kind: str,
     progress: Progress | None = None,
+    stop: Callable[[int], bool] | None = None,
 ) -> None:
     """Trains ``model`` (the parent's weights, changed or not) further on ``data`` as a recorded
-    run based on the parent; the run becomes the candidate's, so it can be rolled back later."""
+    run based on the parent; the run becomes the candidate's, so it can be rolled back later.
+    ``stop`` may end it early (see ``worker.training.train``)."""
     run = train_recorded(
         session,
         store,
@@ -86,6 +65,7 @@ def fine_tune_candidate(
         spec=model_spec(parent),
         base_version_id=parent.id,
         progress=progress,
+        stop=stop,
     )
     candidate.run_id = run.run_id
 

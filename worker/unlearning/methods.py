@@ -2,30 +2,43 @@
 call the same function."""
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import torch
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
 from sqlalchemy.orm import Session
 
+from app.ledger.provenance import root_run
 from app.ledger.tables import ModelVersion
+from worker.audit.runner import forget_probe
+from worker.config import PolicySettings
 from worker.store import ArtifactStore
 from worker.training import Progress
 from worker.unlearning.amnesiac import amnesiac_rollback
-from worker.unlearning.common import root_run
 from worker.unlearning.relabel import RelabelConfig, relabel_unlearning
 from worker.unlearning.retrain import exact_retrain, naive_retrain
 
 METHODS = ("amnesiac", "amnesiac+repair", "relabel", "retrain-exact", "retrain-naive")
 
 
-@dataclass(frozen=True)
-class MethodOptions:
-    # None: a tenth of the first run's steps (at least 10). On digits 60 steps, a tenth of the
-    # 570-step run, at a tenth of its learning rate take a 46-point rollback drop back to 0
-    # (bench/bench_rollback.py); see the planner's notes.
-    repair_steps: int | None = None
-    relabel: RelabelConfig = field(default_factory=RelabelConfig)
-    naive_steps: int | None = None  # None: as many epochs as the first run
+class MethodOptions(PolicySettings):
+    section = "methods"
+    model_config = SettingsConfigDict(env_prefix="LETHE_METHODS_")
+
+    repair_steps: int | None = Field(
+        default=None,
+        ge=1,
+        description="Repair fine-tune steps after a rollback; null: a tenth of the first run's "
+        "steps, at least 10 (on digits a tenth of the run at a tenth of its learning rate takes "
+        "a 46-point rollback drop back to 0: bench/bench_rollback.py)",
+    )
+    repair_lr_scale: float = Field(
+        default=0.1, gt=0, description="Repair learning rate, as a share of the first run's"
+    )
+    relabel: RelabelConfig = Field(default_factory=RelabelConfig)
+    naive_steps: int | None = Field(
+        default=None, ge=1, description="Naive retraining steps; null: the first run's epochs"
+    )
 
 
 def unlearn(
@@ -35,20 +48,36 @@ def unlearn(
     forget_ids: Sequence[str],
     method: str,
     device: torch.device,
-    options: MethodOptions = MethodOptions(),
+    options: MethodOptions | None = None,
     progress: Progress | None = None,
 ) -> ModelVersion:
     """A candidate version: ``parent`` with ``forget_ids`` unlearned by ``method``."""
+    options = options or MethodOptions()
     if method in ("amnesiac", "amnesiac+repair"):
         repair = 0
         if method == "amnesiac+repair":
             repair = options.repair_steps or max(10, root_run(session, parent).num_steps // 10)
         return amnesiac_rollback(
-            session, store, parent, forget_ids, device, repair_steps=repair, progress=progress
+            session,
+            store,
+            parent,
+            forget_ids,
+            device,
+            repair_steps=repair,
+            repair_lr_scale=options.repair_lr_scale,
+            progress=progress,
         )
     if method == "relabel":
+        probe = forget_probe(session, store, parent, forget_ids, device)
         return relabel_unlearning(
-            session, store, parent, forget_ids, device, options.relabel, progress=progress
+            session,
+            store,
+            parent,
+            forget_ids,
+            device,
+            options.relabel,
+            probe=probe,
+            progress=progress,
         )
     if method == "retrain-exact":
         return exact_retrain(session, store, parent, forget_ids, device, progress=progress)

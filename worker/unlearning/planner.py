@@ -20,24 +20,45 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
 from sqlalchemy.orm import Session
 
 from app.ledger.audits import finished_audits_of_method
 from app.ledger.provenance import StepRef
 from app.ledger.samples import sample_ids
 from app.ledger.tables import ModelVersion, SampleState, Split
+from worker.config import PolicySettings
 from worker.unlearning.amnesiac import plan_rollback
 
 LADDER = ("amnesiac", "amnesiac+repair", "relabel", "retrain-exact")
 
 
-@dataclass(frozen=True)
-class PlannerPolicy:
-    max_test_drop_points: float = 1.0  # the gate's default budget
-    rollback_points_per_squared_share: float = 2000.0  # 1% of the steps: 0.2 points; 10%: 20
-    repair_remaining_share: float = 0.1  # the part of the rollback drop a repair leaves
-    # 1% of the training samples: 0.5 points, until the data set's relabel audits say otherwise
-    relabel_points_per_sample_share: float = 50.0
+class PlannerPolicy(PolicySettings):
+    section = "planner"
+    model_config = SettingsConfigDict(env_prefix="LETHE_PLANNER_")
+
+    max_predicted_drop_points: float = Field(
+        default=1.0,
+        ge=0,
+        description="The first rung is the first whose predicted test-accuracy drop is at most "
+        "this (exact retraining always qualifies)",
+    )
+    rollback_points_per_squared_share: float = Field(
+        default=2000.0,
+        ge=0,
+        description="Rollback's predicted drop per squared share of steps rolled back (1%: 0.2 "
+        "points; 10%: 20)",
+    )
+    repair_remaining_share: float = Field(
+        default=0.1, ge=0, le=1, description="The part of the rollback drop a repair leaves"
+    )
+    relabel_points_per_sample_share: float = Field(
+        default=50.0,
+        ge=0,
+        description="Relabel's predicted drop per share of training samples relabelled, until "
+        "the data set's relabel audits say otherwise",
+    )
 
 
 @dataclass(frozen=True)
@@ -67,8 +88,9 @@ def plan(
     session: Session,
     parent: ModelVersion,
     forget_ids: Sequence[str],
-    policy: PlannerPolicy = PlannerPolicy(),
+    policy: PlannerPolicy | None = None,
 ) -> Plan:
+    policy = policy or PlannerPolicy()
     rollback = plan_rollback(session, parent, forget_ids)
     active = len(sample_ids(session, rollback.dataset, Split.train, SampleState.active))
     forget_share = len(forget_ids) / active if active else 1.0
@@ -90,7 +112,7 @@ def plan(
         affected_share=rollback.share,
         forget_share=forget_share,
         ladder=[
-            Rung(method, drop, drop <= policy.max_test_drop_points or method == LADDER[-1])
+            Rung(method, drop, drop <= policy.max_predicted_drop_points or method == LADDER[-1])
             for method, drop in predictions.items()
         ],
         relabel_rate_observed_in=len(observed),
@@ -105,7 +127,7 @@ def observed_relabel_rates(session: Session, dataset: str, active: int) -> list[
         return []
     rates = []
     for version, audit in finished_audits_of_method(session, "relabel"):
-        drop = next((r["value"] for r in audit.reasons if r["rule"] == "test_accuracy_drop"), None)
+        drop = audit.metrics.get("utility", {}).get("test", {}).get("drop_points")
         forgotten = len(version.details.get("forget", []))
         if version.details.get("dataset") == dataset and drop is not None and forgotten:
             rates.append(max(0.0, float(drop)) * active / forgotten)

@@ -2,16 +2,25 @@
 ``copies`` copies each under a uniformly drawn wrong label, mixed with the retained data, and
 the parent is trained on that for a few recorded steps.
 
+Trained to the end, relabel drives F to confidently wrong labels: far *less* member-like than
+data the model never saw, which shows the deletion (the gate's over-unlearning side rejects it).
+So, given a probe, it stops as soon as F looks like never-seen data: when the median share of
+never-seen samples that F's samples score above falls to ``stop_quantile`` (0.5: a typical
+never-seen sample).
+
 It needs the forget samples' raw data, so it must run before their erasure from the store.
 """
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
+import numpy as np
 import torch
+from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
 
+from app.ledger.provenance import root_run
 from app.ledger.tables import ModelVersion, VersionState
+from worker.audit.probe import ForgetProbe
 from worker.data import SampleSet, load_samples
 from worker.store import ArtifactStore
 from worker.training import Progress, load_model, model_spec, new_version
@@ -20,16 +29,24 @@ from worker.unlearning.common import (
     fine_tune_candidate,
     finish_candidate,
     retained_train_set,
-    root_run,
 )
 
 
-@dataclass(frozen=True)
-class RelabelConfig:
-    copies: int = 10  # no published value; Graves only says "a small number"
-    steps: int = 60
-    seed: int = 0
-    lr_scale: float = 1.0  # of the first run's learning rate
+class RelabelConfig(BaseModel, frozen=True, extra="forbid"):
+    copies: int = Field(
+        default=10, ge=1, description="Wrong-label copies per sample (Graves: 'a small number')"
+    )
+    steps: int = Field(default=60, ge=1, description="Most steps of the relabel run")
+    seed: int = Field(default=0, description="Seed of the wrong labels and the data order")
+    lr_scale: float = Field(default=1.0, gt=0, description="Of the first run's learning rate")
+    stop_quantile: float | None = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="Stop once F's median share of never-seen samples scored below it falls to "
+        "this (0.5: the never-seen level); null trains all the steps",
+    )
+    check_every: int = Field(default=2, ge=1, description="Steps between two probes")
 
 
 def wrong_label_copies(forget: SampleSet, copies: int, seed: int) -> SampleSet:
@@ -52,6 +69,7 @@ def relabel_unlearning(
     device: torch.device,
     config: RelabelConfig = RelabelConfig(),
     *,
+    probe: ForgetProbe | None = None,
     progress: Progress | None = None,
 ) -> ModelVersion:
     dataset = root_run(session, parent).dataset
@@ -69,8 +87,17 @@ def relabel_unlearning(
         method="relabel",
         state=VersionState.training,
         parent_id=parent.id,
-        details={"dataset": dataset, "forget": list(forget_ids), "relabel": vars(config)},
+        details={"dataset": dataset, "forget": list(forget_ids), "relabel": config.model_dump()},
     )
+    stopped: list[float] = []
+
+    def forgotten(step: int) -> bool:
+        if probe is None or config.stop_quantile is None or step % config.check_every:
+            return False
+        median = float(np.median(probe.quantiles(model)))
+        stopped[:] = [step, median]
+        return median <= config.stop_quantile
+
     fine_tune_candidate(
         session,
         store,
@@ -82,5 +109,11 @@ def relabel_unlearning(
         device,
         kind="relabel",
         progress=progress,
+        stop=forgotten,
     )
+    if stopped:
+        version.details = {
+            **version.details,
+            "relabel_stop": {"step": stopped[0], "forget_median_quantile": stopped[1]},
+        }
     return finish_candidate(session, store, version, model)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from sqlalchemy.orm import Session
 
+from app.ledger.provenance import root_run
 from app.ledger.tables import ModelVersion, VersionState
 from worker.nets import build_model
 from worker.store import ArtifactStore
@@ -23,7 +24,6 @@ from worker.unlearning.common import (
     fine_tune_candidate,
     finish_candidate,
     retained_train_set,
-    root_run,
 )
 
 
