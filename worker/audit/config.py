@@ -52,7 +52,7 @@ class AuditConfig(PolicySettings):
         "10,000 on a GPU. The positive control says whether this budget rebuilds anything",
     )
     inversion_max_samples: int = Field(
-        default=2, ge=1, description="Erased samples rebuilt jointly, at most"
+        default=1, ge=1, description="Erased samples rebuilt jointly, at most"
     )
     inversion_tv_weight: float = Field(
         default=1e-2, ge=0, description="Total-variation prior weight of the inversion"
