@@ -21,10 +21,15 @@ def settings_table() -> str:
     return "\n".join(rows)
 
 
+def between_markers(document: str, start: str, end: str, table: str) -> str:
+    """``document`` with the text between the two markers replaced by ``table``."""
+    head, rest = document.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{table}\n{end}{tail}"
+
+
 def render(readme: str) -> str:
-    head, rest = readme.split(START, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{START}\n{settings_table()}\n{END}{tail}"
+    return between_markers(readme, START, END, settings_table())
 
 
 if __name__ == "__main__":
