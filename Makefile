@@ -46,7 +46,7 @@ test-fast: install
 bench: system-deps install
 	$(BIN)/python -m bench.bench_forget --requests 20000 --concurrency 32 --workers 1 2
 	$(BIN)/python -m bench.bench_pipeline
-	$(BIN)/python bench/bench_relabel.py --settings 60:1 60:0.1 120:0.1 60:0.3
+	$(BIN)/python -m bench.bench_efficacy
 	$(BIN)/python bench/bench_training.py --repeats 5 --epochs 5
 	$(BIN)/python bench/bench_rollback.py
 	$(BIN)/python bench/bench_delta_parts.py --repeats 10

@@ -234,7 +234,7 @@ def cost(world: World, config: TrainConfig, forget_size: int, audit: AuditConfig
         world.session.commit()
     return {
         "config": config.to_dict(),
-        "audit_config": audit.to_dict(),
+        "audit_config": audit.model_dump(),
         "training": training,
         "first_audit": audits[0],
         "cached_audit": audits[1],
@@ -268,7 +268,7 @@ def main() -> None:
             if part == "cost":
                 audit = AuditConfig()
                 if args.lean:
-                    audit = replace(audit, inversion_iterations=4, class_inversion_iterations=4)
+                    audit = AuditConfig(inversion_iterations=4, class_inversion_iterations=4)
                 key = "cost_lean" if args.lean else "cost"
                 results[key] = cost(world, TrainConfig(), 4, audit)
             elif part == "figure7":

@@ -80,7 +80,8 @@ def log_odds(model: torch.nn.Module, data: SampleSet) -> np.ndarray:
     log_p = raw.log_softmax(dim=1)
     true = log_p.gather(1, data.labels.view(-1, 1)).squeeze(1)
     others = log_p.scatter(1, data.labels.view(-1, 1), float("-inf")).logsumexp(dim=1)
-    return (true - others).numpy()
+    odds: np.ndarray = (true - others).numpy()
+    return odds
 
 
 def separation(model: dict[str, np.ndarray], retrains: list[dict[str, np.ndarray]]) -> float:
@@ -312,15 +313,15 @@ def summary(results: list[ConfigResult]) -> str:
     for result in results:
         for size in sorted({t.size for t in result.trials}):
             for start in dict.fromkeys(t.start for t in result.trials):
-                trials = [t for t in result.trials if t.size == size and t.start == start]
+                cell = [t for t in result.trials if t.size == size and t.start == start]
                 served = ", ".join(
-                    f"{m} {sum(t.served_by == m for t in trials)}"
-                    for m in dict.fromkeys(t.served_by or "failed" for t in trials)
+                    f"{m} {sum((t.served_by or 'failed') == m for t in cell)}"
+                    for m in dict.fromkeys(t.served_by or "failed" for t in cell)
                 )
-                flagged = sum(bool(t.distinguishable) for t in trials)
-                seconds = np.mean([t.job_seconds for t in trials])
+                flagged = sum(bool(t.distinguishable) for t in cell)
+                seconds = np.mean([t.job_seconds for t in cell])
                 lines.append(
-                    f"| {result.config} | {size} | {start} | {served} | {flagged}/{len(trials)} "
+                    f"| {result.config} | {size} | {start} | {served} | {flagged}/{len(cell)} "
                     f"| {seconds:.1f} |"
                 )
     lines.append("")

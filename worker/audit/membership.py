@@ -24,6 +24,7 @@ more, half, and each set-level tail a quarter. By the union bound, a model that 
 the rule with probability at most ``alpha``.
 """
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Any
@@ -85,7 +86,7 @@ class ModelScores:
     retained: Array | None = None
 
 
-def model_scores(phi: dict[str, ArrayLike], difficulty: dict[str, ArrayLike]) -> ModelScores:
+def model_scores(phi: Mapping[str, ArrayLike], difficulty: Mapping[str, ArrayLike]) -> ModelScores:
     """``phi`` and ``difficulty`` hold "forget" and "null" (and optionally "retained") arrays."""
     curve = DifficultyCurve.fit(difficulty["null"], phi["null"])
     scored = {name: curve.standardise(difficulty[name], phi[name]) for name in phi}

@@ -538,11 +538,12 @@ def run_baseline_audit(
         name: float((raw[name].argmax(dim=1) == sets[name].labels.cpu()).float().mean())
         for name in (*NEVER_SEEN, "forget")
     }
+    member_auc = auc_with_interval(scores.forget, scores.null)
     metrics = {
         "sets": {name: len(data) for name, data in sets.items()},
         "baseline": {
             "accuracy": accuracy,
-            "member_auc": auc_with_interval(scores.forget, scores.null),
+            "member_auc": member_auc,
             "measurably_remembered": remembered.to_dict(),
         },
     }
@@ -550,8 +551,8 @@ def run_baseline_audit(
         f"trained version: test accuracy {accuracy['test']:.4f}; {remembered.k} of "
         f"{remembered.n} training samples scored are measurably member-like (p < "
         f"{policy.control_alpha:g} against never-seen samples); member AUC "
-        f"{metrics['baseline']['member_auc']['value']:.3f}. No gate: a trained version is "
-        "the reference its children are judged against"
+        f"{member_auc['value']:.3f}. No gate: a trained version is the reference its children "
+        "are judged against"
     )
     reasons = [
         {"rule": "baseline", "passed": True, "reason": reason, "value": None, "threshold": None}

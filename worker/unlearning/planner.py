@@ -10,8 +10,8 @@ fine-tune on retained data recovers most of the drop ("a small amount of trainin
 that"): 60 steps at a tenth of the learning rate take 46 points back to 0, and 91 to 11.
 
 Relabel's drop grows with the share of training samples relabelled, at a rate that differs a
-lot between runs (bench/bench_relabel.py: 10 samples cost 1.5 to 6.3 points on one digits run
-and -0.7 to 1.5 on another). So once the data set has audited relabel candidates, the planner
+lot between runs (an earlier benchmark: 10 samples cost 1.5 to 6.3 points on one digits run and
+-0.7 to 1.5 on another). So once the data set has audited relabel candidates, the planner
 uses their median observed rate instead of the default: a rung that keeps failing the accuracy
 rule stops being tried first.
 """
