@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from sqlalchemy.orm import Session
 
+from app.ledger.erasure import dataset_manifest_key, dataset_shards_prefix
 from app.ledger.samples import SampleRecord, register_samples, sample_ids
 from app.ledger.tables import SampleState, Split
 from worker.data.sources import RawDataset
@@ -65,8 +66,7 @@ class SampleSet:
         )
 
 
-def manifest_key(dataset: str) -> str:
-    return f"datasets/{dataset}/manifest.json"
+manifest_key = dataset_manifest_key
 
 
 def assign_splits(ids: Sequence[str], seed: int) -> dict[str, Split]:
@@ -136,7 +136,7 @@ def _write_shard(
     labels: torch.Tensor,
 ) -> dict[str, Any]:
     # A rewritten shard gets a new key, so the manifest never names a half-written object.
-    key = f"datasets/{dataset}/shards/{number:05d}.g{generation}.safetensors"
+    key = f"{dataset_shards_prefix(dataset)}/{number:05d}.g{generation}.safetensors"
     stored = store.put_tensors(key, {"images": images, "labels": labels})
     return {
         "key": key,
@@ -237,6 +237,6 @@ def _rewrite_shard(
 
 
 def _delete_unlisted_shards(store: ArtifactStore, dataset: str, listed: set[str]) -> None:
-    for key in store.list(f"datasets/{dataset}/shards"):
+    for key in store.list(dataset_shards_prefix(dataset)):
         if key not in listed:
             store.delete(key)
