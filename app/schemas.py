@@ -192,6 +192,11 @@ class TrainBody(Strict):
 
 class JobOut(BaseModel):
     job: JobSummary
+    integrity_failures: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Objects whose bytes failed their recorded sha256 (key, expected_sha256, "
+        "actual_sha256), and the ladder rung that read them",
+    )
     links: dict[str, str]
 
 

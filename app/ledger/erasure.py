@@ -277,6 +277,7 @@ def _all_deltas(session: Session, run_ids: Sequence[int]) -> list[StepDelta]:
                 select(StepDelta)
                 .where(StepDelta.run_id.in_(chunk))
                 .order_by(StepDelta.run_id, StepDelta.step)
+                .execution_options(populate_existing=True)
             )
         )
     return rows
@@ -309,6 +310,7 @@ def deltas_in_ranges(
                 select(StepDelta)
                 .where(StepDelta.run_id == run_id, StepDelta.step.between(first, last))
                 .order_by(StepDelta.step)
+                .execution_options(populate_existing=True)
             )
         )
     return rows

@@ -1,6 +1,7 @@
-"""Invariant 4 tried as an outside auditor would, on the real PostgreSQL and the artifact store:
-after a deletion served by each method, nothing left in the store, with the ledger and the
-seeds, rebuilds the version that held the sample.
+"""The erasure closure on the real PostgreSQL and the artifact store.
+
+Invariant 4 tried as an outside auditor would: after a deletion served by each method, nothing
+left in the store, with the ledger and the seeds, rebuilds the version that held the sample.
 
 The rebuild tries every route: the initial weights of each recorded run (``build_model`` with
 the run's seed) plus every delta of that run still in the store, in order; every weights object
@@ -12,8 +13,12 @@ amnesiac rollback, the version closest to v1 that is cleared of the sample by de
 
 On main before the erasure closure, relabel and exact retraining purged no delta at all: the
 first route rebuilt v1 exactly (distance 0; 98.14% test accuracy in the issue), and so did the
-relabel version minus its run. The amnesiac rungs subtract (and purged) the sample's steps, so
-for them main's purge already held.
+relabel version minus its run (checked once by running this test with the closure's delta rule
+cut back to main's: relabel and exact retraining failed at a distance of 1e-6, the amnesiac
+rungs passed). The amnesiac rungs subtract (and main purged) the sample's steps.
+
+Then: samples no model trained on, a corrupt delta, a rollback whose deltas were purged, and
+verify-erasure catching what is left and a forged certificate.
 """
 
 import os
@@ -322,6 +327,11 @@ def test_a_corrupt_delta_ends_its_rung_and_is_recorded_with_its_digests(
     (request,) = requests_of_job(session, job_id)
     assert request.certificate is not None
     assert request.certificate["integrity_failures"] == job.integrity_failures
+    with TestClient(create_app(deployment.settings, session.get_bind())) as client:  # type: ignore[arg-type]
+        with session_scope(session.get_bind()) as keys_session:  # type: ignore[arg-type]
+            reader = create_key(keys_session, "reader", ["status:read"], actor="test")
+        shown = client.get(f"/jobs/{job_id}", headers={"X-API-Key": reader}).json()
+        assert shown["integrity_failures"] == job.integrity_failures
     assert request.certificate["ladder_notes"] == job.integrity_failures
 
 
@@ -382,11 +392,16 @@ def test_verify_erasure_finds_what_is_left_and_a_forged_certificate(
     assert cli_verification(deployment, request.id).returncode == 1
     with TestClient(create_app(deployment.settings, session.get_bind())) as client:
         with session_scope(session.get_bind()) as keys_session:  # type: ignore[arg-type]
-            audit_key = create_key(keys_session, "auditor", ["audit:read"], actor="test")
+            audit_key = create_key(
+                keys_session, "auditor", ["audit:read", "status:read"], actor="test"
+            )
         answer = client.get(
             f"/forget/requests/{request.id}/verification", headers={"X-API-Key": audit_key}
         ).json()
         assert answer["verified"] is False and answer["listed_present"] == [v1.weights_key]
+        model = client.get(f"/models/{v1.version}", headers={"X-API-Key": audit_key}).json()
+        assert model["weights_purged"] is True
+        assert model["links"]["purged_by"] == f"/forget/requests/{request.id}/certificate"
         public = client.get("/certificates/public-key").json()
         assert public["key_id"] == key.key_id == request.certificate["signature"]["key_id"]  # type: ignore[index]
     store.delete(v1.weights_key)
