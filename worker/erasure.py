@@ -89,10 +89,9 @@ def _plan(
     graph = ErasureGraph(session, store)
     retained = [v.id for v in graph.versions] if settings.retain_superseded_weights else []
     shared: dict[tuple[str, str], PurgedArtifact] = {}
-    rows: list[PurgedArtifact] = []
     for request in requests:
         closure = graph.closure(samples[request.sample_id], request.completed_version_id, retained)
-        rows += _delta_rows(job, request, closure)
+        _delta_rows(job, request, closure, shared)
         present = store.present(o.key for o in closure.objects)
         for found in closure.objects:
             if found.key not in present or (retained and found.kind in RETAINABLE):
@@ -101,35 +100,42 @@ def _plan(
             if row is None:
                 row = shared[(found.kind, found.key)] = _object_row(store, job, found, key)
             row.request_ids = [*row.request_ids, request.id]
-    rows += shared.values()
+    rows = list(shared.values())
     session.add_all(rows)
     session.flush()
     return rows
 
 
-def _delta_rows(job: Job, request: DeletionRequest, closure: Closure) -> list[PurgedArtifact]:
-    rows = []
+def _delta_rows(
+    job: Job,
+    request: DeletionRequest,
+    closure: Closure,
+    shared: dict[tuple[str, str], PurgedArtifact],
+) -> None:
+    """One row per run and set of steps; requests whose samples share it (a whole run) share
+    the row."""
     for run_id, deltas in closure.deltas.items():
         live = [d for d in deltas if d.purged_at is None]
         if not live:
             continue
-        rows.append(
-            PurgedArtifact(
+        steps = step_ranges(d.step for d in live)
+        row = shared.get((Kind.step_deltas.value, f"{run_id}:{steps}"))
+        if row is None:
+            row = shared[(Kind.step_deltas.value, f"{run_id}:{steps}")] = PurgedArtifact(
                 kind=Kind.step_deltas.value,
                 key=posixpath.dirname(live[0].store_key) + "/",
                 digest_algorithm=DELTAS_DIGEST,
                 digest=digest_of_digests(live),
                 details={
                     "run_id": run_id,
-                    "steps": step_ranges(d.step for d in live),
+                    "steps": steps,
                     "count": len(live),
                     "reason": closure.delta_reasons[run_id],
                 },
                 job_id=job.id,
-                request_ids=[request.id],
+                request_ids=[],
             )
-        )
-    return rows
+        row.request_ids = [*row.request_ids, request.id]
 
 
 def _object_row(

@@ -77,7 +77,7 @@ def run_unlearn_job(
             purge_and_certify(session, store, job, untrained, settings)
             session.commit()
         if trained:
-            forget(session, store, job, trained, within(progress, 0, 90), settings)
+            forget(session, store, job, parent, trained, within(progress, 0, 90), settings)
             session.commit()  # the promotion is durable before anything is erased
     uncertified = [
         r
@@ -104,16 +104,16 @@ def forget(
     session: Session,
     store: ArtifactStore,
     job: Job,
+    parent: ModelVersion,
     requests: Sequence[DeletionRequest],
     progress: Progress,
     settings: Settings,
 ) -> ModelVersion:
     """Climbs the ladder from the planner's rung, past the rungs that cannot run; promotes the
-    first candidate whose audit passes and completes the requests with it. An object whose
+    first candidate of ``parent`` (the serving version) whose audit passes and completes the
+    requests with it. An object whose
     bytes fail their recorded sha256 ends its rung, recorded on the job. Raises
     LadderExhausted after the last rung."""
-    parent = alias_target(session)
-    assert parent is not None  # run_unlearn_job checked
     forget_ids = sorted({r.sample_id for r in requests})
     planned = plan(session, parent, forget_ids)
     first = settings.ladder_start or planned.method

@@ -27,7 +27,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.ledger.audits import DONE
-from app.ledger.provenance import IN_CHUNK, StepRef, step_deltas, steps_of_samples
+from app.ledger.provenance import StepRef, step_deltas, steps_of_samples
 from app.ledger.tables import Audit, ModelVersion, PurgedArtifact, Sample, StepDelta, TrainingRun
 
 # Audit artifacts that picture the erased samples (rebuilt from two versions' difference).
@@ -100,6 +100,7 @@ class ErasureGraph:
         self.weight_runs = {v.id: self._weight_runs(v) for v in self.versions}
         self._listings: dict[str, list[str]] = {}
         self._manifests: dict[str, dict[str, Any]] = {}
+        self._whole_runs: dict[int, list[StepDelta]] = {}
 
     def _weight_runs(self, version: ModelVersion) -> set[int]:
         """The runs the version's weights are made of: back to its last from-scratch run."""
@@ -193,11 +194,17 @@ class ErasureGraph:
             if tainted and run.id not in kept_runs:
                 whole.setdefault(run.id, "no kept version is made of this run, which held it")
         rows = step_deltas(self.session, [ref for ref in steps if ref[0] not in whole])
-        rows += _all_deltas(self.session, sorted(whole))
+        rows += [row for run in sorted(whole) for row in self._run_deltas(run)]
         for row in rows:
             found.deltas.setdefault(row.run_id, []).append(row)
         for run_id in found.deltas:
             found.delta_reasons[run_id] = whole.get(run_id, "the step's batch held the sample")
+
+    def _run_deltas(self, run_id: int) -> list[StepDelta]:
+        """Every delta of the run, read once for all the samples of a job."""
+        if run_id not in self._whole_runs:
+            self._whole_runs[run_id] = _all_deltas(self.session, run_id)
+        return self._whole_runs[run_id]
 
     def _model_caches(self, found: Closure, holders: list[ModelVersion]) -> None:
         cached = self._listing(CLASS_INVERSIONS_PREFIX)
@@ -268,19 +275,15 @@ class ErasureGraph:
                 )
 
 
-def _all_deltas(session: Session, run_ids: Sequence[int]) -> list[StepDelta]:
-    rows: list[StepDelta] = []
-    for start in range(0, len(run_ids), IN_CHUNK):
-        chunk = run_ids[start : start + IN_CHUNK]
-        rows.extend(
-            session.scalars(
-                select(StepDelta)
-                .where(StepDelta.run_id.in_(chunk))
-                .order_by(StepDelta.run_id, StepDelta.step)
-                .execution_options(populate_existing=True)
-            )
+def _all_deltas(session: Session, run_id: int) -> list[StepDelta]:
+    return list(
+        session.scalars(
+            select(StepDelta)
+            .where(StepDelta.run_id == run_id)
+            .order_by(StepDelta.step)
+            .execution_options(populate_existing=True)  # purge marks are bulk updates
         )
-    return rows
+    )
 
 
 def step_ranges(steps: Iterable[int]) -> list[list[int]]:

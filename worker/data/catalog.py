@@ -66,9 +66,6 @@ class SampleSet:
         )
 
 
-manifest_key = dataset_manifest_key
-
-
 def assign_splits(ids: Sequence[str], seed: int) -> dict[str, Split]:
     """A seeded permutation of the sorted IDs, cut by SPLIT_FRACTIONS: the same every time."""
     ordered = sorted(ids)
@@ -92,7 +89,7 @@ def ingest(session: Session, store: ArtifactStore, raw: RawDataset, seed: int = 
     samples were new to the ledger. Re-running never brings back an erased sample: once the
     copy exists, only the samples still in it are registered."""
     splits = assign_splits(raw.sample_ids, seed)
-    if store.exists(manifest_key(raw.name)):
+    if store.exists(dataset_manifest_key(raw.name)):
         kept = {sid for shard in read_manifest(store, raw.name)["shards"] for sid in shard["ids"]}
     else:
         _write_copy(store, raw)
@@ -121,7 +118,7 @@ def _write_copy(store: ArtifactStore, raw: RawDataset) -> None:
             )
         )
     store.put_json(
-        manifest_key(raw.name),
+        dataset_manifest_key(raw.name),
         {"dataset": raw.name, "num_classes": raw.num_classes, "shards": shards},
     )
 
@@ -148,7 +145,7 @@ def _write_shard(
 
 
 def read_manifest(store: ArtifactStore, dataset: str) -> dict[str, Any]:
-    manifest: dict[str, Any] = store.get_json(manifest_key(dataset))
+    manifest: dict[str, Any] = store.get_json(dataset_manifest_key(dataset))
     return manifest
 
 
@@ -196,8 +193,7 @@ def erase_samples(
 ) -> list[dict[str, Any]]:
     """Removes the samples' raw data from Lethe's copy: each shard holding one is rewritten
     without it and the old object deleted. Returns, per rewritten shard, the old and new keys
-    and hashes (for the erasure certificate). Idempotent; a re-run also deletes shard objects a
-    crashed run left behind."""
+    and hashes. Idempotent; a re-run also deletes shard objects a crashed run left behind."""
     manifest = read_manifest(store, dataset)
     gone = set(erased)
     receipts = []
@@ -215,7 +211,7 @@ def erase_samples(
             shards.append(replacement)
         receipts.append(receipt)
     if receipts:
-        store.put_json(manifest_key(dataset), {**manifest, "shards": shards})
+        store.put_json(dataset_manifest_key(dataset), {**manifest, "shards": shards})
     _delete_unlisted_shards(store, dataset, {shard["key"] for shard in shards})
     return receipts
 
