@@ -13,7 +13,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     LETHE_HOME=/var/lib/lethe
 RUN groupadd --system --gid 10001 lethe \
  && useradd --system --uid 10001 --gid lethe --home-dir /var/lib/lethe --shell /usr/sbin/nologin lethe \
- && install -d -o lethe -g lethe /var/lib/lethe /var/lib/lethe/store
+ && install -d -o lethe -g lethe /var/lib/lethe /var/lib/lethe/store \
+ && install -d -m 0700 -o lethe -g lethe /var/lib/lethe/keys
 WORKDIR /opt/lethe
 # Dependencies are installed from pyproject.toml alone (an editable install of empty packages), so
 # a code change does not reinstall them. The code is copied over the stubs afterwards; editable,

@@ -1,14 +1,19 @@
-"""The operator's commands that need no tensors: database migrations, API keys, the API server.
+"""The operator's commands that need no tensors: database migrations, API keys, the API server,
+the re-check of an erasure against its certificate.
 
 ``worker.cli`` builds the ``lethe`` command from these plus the commands that train and unlearn.
 """
 
 import argparse
 import json
+import sys
 
+from app.artifacts import ObjectStore
+from app.certificates import certificate_key
 from app.ledger import keys, migrate
 from app.ledger.db import get_engine, session_scope
 from app.settings import get_settings
+from app.verification import verify_erasure
 
 
 def add_app_commands(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -28,6 +33,13 @@ def add_app_commands(commands: "argparse._SubParsersAction[argparse.ArgumentPars
     revoke = key_commands.add_parser("revoke", help="revoke a key by id")
     revoke.add_argument("key_id", type=int)
     revoke.set_defaults(handler=_keys_revoke)
+
+    verify = commands.add_parser(
+        "verify-erasure",
+        help="re-check a completed request's certificate against the store; exit 1 if it fails",
+    )
+    verify.add_argument("request_id")
+    verify.set_defaults(handler=_verify_erasure)
 
     serve = commands.add_parser("serve", help="run the HTTP API with uvicorn")
     serve.add_argument("--host", default="127.0.0.1")
@@ -64,6 +76,17 @@ def _keys_revoke(args: argparse.Namespace) -> None:
     with session_scope(get_engine()) as session:
         keys.revoke_key(session, args.key_id, actor="cli")
     print(f"key {args.key_id} revoked")
+
+
+def _verify_erasure(args: argparse.Namespace) -> None:
+    settings = get_settings()
+    key = certificate_key(settings.resolved_certificate_key_file)
+    store = ObjectStore(settings.resolved_store_url)
+    with session_scope(get_engine()) as session:
+        result = verify_erasure(session, store, args.request_id, key)
+    print(json.dumps(result.to_dict(), indent=2))
+    if not result.verified:
+        sys.exit(1)
 
 
 def _serve(args: argparse.Namespace) -> None:

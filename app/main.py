@@ -7,7 +7,7 @@ from fastapi import FastAPI
 from prometheus_fastapi_instrumentator import Instrumentator
 from sqlalchemy import Engine
 
-from app.api import audit, dashboard, forget, health, jobs, models, stats
+from app.api import audit, certificates, dashboard, forget, health, jobs, models, stats
 from app.api.errors import install_error_handlers
 from app.ledger.db import make_engine, session_scope
 from app.ledger.keys import SCOPES, register_key
@@ -73,7 +73,7 @@ def create_app(
     app.state.statement_pools = {}  # engine -> StatementPool, see app.api.deps.statement_pool
     app.state.enqueue = enqueue or _default_enqueue(settings)
     install_error_handlers(app)
-    for module in (forget, audit, models, jobs, stats, health, dashboard):
+    for module in (forget, audit, models, jobs, stats, certificates, health, dashboard):
         app.include_router(module.router)
     registry = metrics_registry(lambda: app.state.engine)
     Instrumentator(registry=registry).expose(app, include_in_schema=False)  # GET /metrics

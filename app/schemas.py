@@ -28,6 +28,9 @@ class ProblemDetail(BaseModel):
     detail: str = Field(description="What went wrong, in words a caller can act on")
     instance: str = Field(description="The path that was called")
     errors: list[FieldError] | None = Field(default=None, description="Each invalid input (422)")
+    certificates: list[str] | None = Field(
+        default=None, description="The certificates of the erasure that purged it (410)"
+    )
 
 
 class ForgetBody(Strict):
@@ -115,16 +118,60 @@ class OperatorDecision(Strict):
     reason: Reason
 
 
+class PurgedArtifactOut(BaseModel):
+    key: str = Field(description="Where the store held it")
+    purged_at: datetime
+    certificates: list[str] = Field(description="The certificates of the erasure that purged it")
+
+
 class AuditOut(BaseModel):
     version: str
-    state: Literal["pending", "running", "done"]
+    state: Literal["pending", "running", "done", "not-audited"] = Field(
+        description="202 while pending or running; not-audited: no audit was or will be made"
+    )
+    reason: str | None = Field(default=None, description="Why it is pending or not audited")
     decision: str | None
     thresholds: dict[str, Any]
     reasons: list[Any]
     metrics: dict[str, Any]
-    artifacts: dict[str, str]
+    artifacts: dict[str, str] = Field(description="Name -> URL of each artifact still held")
+    purged_artifacts: dict[str, PurgedArtifactOut] = Field(
+        default_factory=dict, description="Artifacts an erasure purged (GET answers 410)"
+    )
     created_at: datetime | None
     finished_at: datetime | None
+
+
+class PublicKeyOut(BaseModel):
+    algorithm: Literal["Ed25519"]
+    key_id: str = Field(description="The first 16 hex digits of the raw public key's sha256")
+    public_key_pem: str
+    signed_payload: str = Field(
+        description="What the signature covers: the certificate without `signature`, as JSON "
+        "with sorted keys, no whitespace, UTF-8"
+    )
+
+
+class LeftoverOut(BaseModel):
+    kind: str
+    key: str
+    reason: str
+
+
+class VerificationOut(BaseModel):
+    request_id: str
+    sample_id: str
+    verified: bool = Field(description="Signature valid, nothing listed or derived left")
+    signature_valid: bool
+    key_id: str
+    listed_checked: int
+    listed_present: list[str] = Field(description="Listed as purged, yet still in the store")
+    derived_checked: int
+    derived_present: list[LeftoverOut] = Field(
+        description="Derived from the sample (recomputed now), in the store, not declared retained"
+    )
+    retained: list[str] = Field(description="Declared retained by the certificate (legal hold)")
+    checked_at: datetime
 
 
 class TrainBody(Strict):
@@ -145,6 +192,11 @@ class TrainBody(Strict):
 
 class JobOut(BaseModel):
     job: JobSummary
+    integrity_failures: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Objects whose bytes failed their recorded sha256 (key, expected_sha256, "
+        "actual_sha256), and the ladder rung that read them",
+    )
     links: dict[str, str]
 
 

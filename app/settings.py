@@ -89,6 +89,12 @@ class Settings(BaseSettings):
         description="Keep the weights of the versions a deletion superseded (they still hold "
         "the erased samples); by default they are purged",
     )
+    certificate_key_file: Path | None = Field(
+        default=None,
+        description="Ed25519 private key (PEM) that signs erasure certificates and keys the "
+        "digests of erased content; empty means `home`/keys/certificate-ed25519.pem, created on "
+        "first use. API and workers must read the same file",
+    )
     allow_test_faults: bool = Field(
         default=False, description="Honour `test_fault` in job params (failure tests only)"
     )
@@ -100,6 +106,10 @@ class Settings(BaseSettings):
     @property
     def resolved_store_url(self) -> str:
         return self.store_url or str((self.home / "store").resolve())
+
+    @property
+    def resolved_certificate_key_file(self) -> Path:
+        return self.certificate_key_file or self.home / "keys" / "certificate-ed25519.pem"
 
 
 @lru_cache

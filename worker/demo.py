@@ -204,7 +204,7 @@ def print_summary(base_url: str, key: str, requests: list[dict[str, Any]]) -> No
     print("\nrequests:")
     for r in requests:
         outcome = r["completed_in_version"] or r["error"]
-        method = (r["certificate"] or {}).get("method", "")
+        method = (r["certificate"] or {}).get("method") or ""
         print(f"  {r['sample_id']}: {r['state']} {method} {outcome or ''}".rstrip())
         print(f"    {base_url}{r['links']['self']}")
         if "certificate" in r["links"]:

@@ -5,36 +5,17 @@ Keys are relative, slash-separated paths, e.g. ``runs/7/deltas/0000042.safetenso
 object's sha256 and size, which the ledger keeps so that a read can be verified.
 """
 
-import hashlib
 import json
 import math
-import posixpath
 import struct
-import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
 
-import fsspec
 import torch
-from fsspec.implementations.local import LocalFileSystem
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from app.artifacts import IntegrityError, ObjectStore, StoredObject, sha256_hex
 
-class IntegrityError(Exception):
-    """An object's bytes no longer match the sha256 the ledger recorded."""
-
-
-@dataclass(frozen=True)
-class StoredObject:
-    key: str
-    sha256: str
-    num_bytes: int
-
-
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+__all__ = ["ArtifactStore", "IntegrityError", "StoredObject", "sha256_hex"]
 
 
 SAFETENSORS_DTYPES = {
@@ -86,61 +67,8 @@ def to_safetensors(tensors: dict[str, torch.Tensor]) -> bytes:
     return safetensors_header(layout, dtype) + host_view(flat).tobytes()
 
 
-class ArtifactStore:
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.fs, self.root = fsspec.core.url_to_fs(url)
-        self._local = isinstance(self.fs, LocalFileSystem)
-
-    def _path(self, key: str) -> str:
-        return posixpath.join(self.root, key)
-
-    def put_bytes(self, key: str, data: bytes) -> StoredObject:
-        return self.put_parts(key, [data])
-
-    def put_parts(self, key: str, parts: Sequence[bytes | memoryview]) -> StoredObject:
-        """Writes the parts back to back as one object, hashing them on the way: no joined
-        copy of a large tensor is made. The object appears whole or not at all: object stores
-        publish an upload on close, and on a file system a temporary file is renamed, so a
-        process killed mid-write never leaves a truncated object behind."""
-        path = self._path(key)
-        self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
-        digest = hashlib.sha256()
-        target = f"{path}.partial-{uuid.uuid4().hex}" if self._local else path
-        with self.fs.open(target, "wb") as handle:
-            for part in parts:
-                digest.update(part)
-                handle.write(part)
-        if target != path:
-            self.fs.mv(target, path)
-        return StoredObject(key, digest.hexdigest(), sum(memoryview(p).nbytes for p in parts))
-
-    def get_bytes(self, key: str, expected_sha256: str | None = None) -> bytes:
-        data: bytes = self.fs.cat_file(self._path(key))
-        if expected_sha256 is not None and sha256_hex(data) != expected_sha256:
-            raise IntegrityError(f"{key}: sha256 differs from the recorded {expected_sha256}")
-        return data
-
-    def exists(self, key: str) -> bool:
-        return bool(self.fs.exists(self._path(key)))
-
-    def delete(self, key: str) -> None:
-        if self.exists(key):
-            self.fs.rm_file(self._path(key))
-
-    def list(self, prefix: str) -> list[str]:
-        """Keys of the objects under ``prefix`` (a folder), sorted."""
-        folder = self._path(prefix)
-        if not self.fs.exists(folder):
-            return []
-        root = self.root.rstrip("/") + "/"
-        return sorted(path.removeprefix(root) for path in self.fs.find(folder))
-
-    def put_json(self, key: str, value: Any) -> StoredObject:
-        return self.put_bytes(key, json.dumps(value, sort_keys=True).encode())
-
-    def get_json(self, key: str) -> Any:
-        return json.loads(self.get_bytes(key))
+class ArtifactStore(ObjectStore):
+    """The object store plus the tensor formats (safetensors) that only the worker reads."""
 
     def put_tensors(self, key: str, tensors: dict[str, torch.Tensor]) -> StoredObject:
         return self.put_bytes(key, to_safetensors(tensors))

@@ -23,11 +23,18 @@ log = structlog.get_logger()
 class Problem(Exception):
     """Raised by routes for an error with a specific status and explanation."""
 
-    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        detail: str,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
         self.headers = headers
+        self.extra = extra  # more members of the problem document
 
 
 def problem_response(
@@ -91,7 +98,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Problem)
     async def _problem(request: Request, error: Problem) -> JSONResponse:
-        return problem_response(request, error.status, error.detail, headers=error.headers)
+        return problem_response(
+            request, error.status, error.detail, headers=error.headers, **error.extra
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, error: StarletteHTTPException) -> JSONResponse:

@@ -21,6 +21,7 @@ from starlette.convertors import Convertor, register_url_convertor
 from app.api.deps import (
     API_KEY_HEADER,
     FORGET_WRITE,
+    AuditReader,
     ForgetWriter,
     SessionDep,
     SettingsDep,
@@ -29,6 +30,8 @@ from app.api.deps import (
     statement_pool,
 )
 from app.api.errors import PROBLEM_RESPONSES, Problem
+from app.artifacts import ObjectStore
+from app.certificates import certificate_key
 from app.ledger import idempotency
 from app.ledger.clock import utcnow
 from app.ledger.db import open_session
@@ -50,9 +53,11 @@ from app.schemas import (
     ForgetRequestOut,
     JobSummary,
     RequestPage,
+    VerificationOut,
 )
 from app.security import Principal
 from app.settings import Settings
+from app.verification import verify_erasure
 
 router = APIRouter(prefix="/forget", tags=["forget"], responses=PROBLEM_RESPONSES)
 
@@ -369,6 +374,24 @@ def read_forget_request(
 ) -> ForgetRequestOut:
     (out,) = present(session, [get_request(session, request_id)])
     return out
+
+
+@router.get("/requests/{request_id}/verification", response_model=VerificationOut)
+def verify_request_erasure(
+    request_id: Annotated[str, Path(max_length=64)],
+    session: SessionDep,
+    settings: SettingsDep,
+    _p: AuditReader,
+) -> VerificationOut:
+    """The certificate re-checked against the store now (`lethe verify-erasure`): its signature,
+    every object it lists gone, nothing derived from the sample left. 409 before it exists."""
+    result = verify_erasure(
+        session,
+        ObjectStore(settings.resolved_store_url),
+        request_id,
+        certificate_key(settings.resolved_certificate_key_file),
+    )
+    return VerificationOut.model_validate(result, from_attributes=True)
 
 
 @router.get("/requests/{request_id}/certificate")

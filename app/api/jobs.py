@@ -17,6 +17,7 @@ router = APIRouter(tags=["jobs"], responses=PROBLEM_RESPONSES)
 def present(job: Job) -> JobOut:
     return JobOut(
         job=JobSummary.model_validate(JobView.of(job), from_attributes=True),
+        integrity_failures=job.integrity_failures,
         links={"self": f"/jobs/{job.id}"},
     )
 

@@ -8,6 +8,7 @@ from sqlalchemy.orm import Session
 from app.api.deps import ModelsAdmin, SessionDep, StatusReader
 from app.api.errors import PROBLEM_RESPONSES, Problem
 from app.ledger.clock import as_utc
+from app.ledger.erasure import purged_rows
 from app.ledger.provenance import lineage
 from app.ledger.tables import ModelVersion
 from app.ledger.versions import (
@@ -34,6 +35,11 @@ VersionName = Annotated[str, Path(pattern=r"^v[0-9]{1,9}$", description="e.g. v3
 
 def present(session: Session, version: ModelVersion) -> ModelVersionOut:
     parent = version_names(session, {version.parent_id}) if version.parent_id else {}
+    links = {"self": f"/models/{version.version}", "audit": f"/audit/{version.version}"}
+    if version.weights_purged_at is not None and version.weights_key is not None:
+        purges = purged_rows(session, keys=[version.weights_key])
+        if purges and purges[0].request_ids:  # the erasure that purged them, by its first request
+            links["purged_by"] = f"/forget/requests/{purges[0].request_ids[0]}/certificate"
     return ModelVersionOut(
         version=version.version,
         parent=parent.get(version.parent_id) if version.parent_id else None,
@@ -45,7 +51,7 @@ def present(session: Session, version: ModelVersion) -> ModelVersionOut:
         details=version.details,
         created_at=as_utc(version.created_at),
         promoted_at=as_utc(version.promoted_at) if version.promoted_at else None,
-        links={"self": f"/models/{version.version}", "audit": f"/audit/{version.version}"},
+        links=links,
     )
 
 

@@ -1,21 +1,61 @@
 """Audit reports of model versions, as the worker records them."""
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.ledger.clock import utcnow
 from app.ledger.errors import NotFound, StateConflict
-from app.ledger.tables import Audit, ModelVersion
+from app.ledger.tables import Audit, Job, JobState, ModelVersion
 
-RUNNING, DONE = "running", "done"
+RUNNING: Literal["running"] = "running"
+DONE: Literal["done"] = "done"
 
 
 def latest_audit(session: Session, version_id: int) -> Audit | None:
     return session.scalars(
         select(Audit).where(Audit.version_id == version_id).order_by(Audit.id.desc()).limit(1)
     ).first()
+
+
+@dataclass(frozen=True)
+class AuditState:
+    """Where a version's audit stands: ``done``, ``running`` (a job audits it now),
+    ``pending`` (a queued or running job will) or ``not-audited`` (nothing will), with why."""
+
+    state: "StateName"
+    audit: Audit | None
+    reason: str | None = None
+
+
+StateName = Literal["pending", "running", "done", "not-audited"]
+NOT_AUDITED: StateName = "not-audited"
+_LIVE_JOB = (JobState.queued, JobState.running)
+
+
+def audit_state(session: Session, version: ModelVersion) -> AuditState:
+    audit = latest_audit(session, version.id)
+    if audit is not None and audit.state == DONE:
+        return AuditState(DONE, audit)
+    if audit is not None:
+        job = session.get(Job, audit.job_id) if audit.job_id else None
+        if job is None or job.state in _LIVE_JOB:
+            return AuditState(RUNNING, audit)
+        return AuditState(
+            NOT_AUDITED,
+            audit,
+            f"its audit stopped unfinished: job {job.id} ended {job.state.value}",
+        )
+    job = session.get(Job, version.job_id) if version.job_id else None
+    if job is not None and job.state in _LIVE_JOB:
+        return AuditState("pending", None, f"job {job.id} ({job.state.value}) will audit it")
+    if job is None:
+        reason = "no audit was recorded for it and no job will audit it (made outside a job)"
+    else:
+        reason = f"no audit was recorded for it and its job {job.id} ended {job.state.value}"
+    return AuditState(NOT_AUDITED, None, reason)
 
 
 def finished_audits_of_method(

@@ -331,7 +331,12 @@ def _close(
 ) -> bool:
     if not _cas(session, job.id, *conditions, **_terminal(state), error=error):
         return False
-    _fail_open_requests(session, job.id, error)
+    split = _split_open_requests(session, job)
+    if split:
+        error = f"{error}; its requests go on alone, in jobs {', '.join(map(str, split))}"
+        _cas(session, job.id, error=error)
+    else:
+        _fail_open_requests(session, job.id, error)
     record_event(
         session,
         actor=_ACTOR,
@@ -341,6 +346,32 @@ def _close(
         details={"error": error[-1000:]},
     )
     return True
+
+
+def _split_open_requests(session: Session, job: Job) -> list[int]:
+    """A failed unlearn job of several open requests becomes one job per request, so that one
+    request's failure never fails the others: each gets its own outcome and reason. The new jobs
+    are left unsent (``enqueued_at`` empty): the scheduler's next sweep sends them."""
+    open_requests = [
+        r for r in requests_of_job(session, job.id) if r.state is RequestState.processing
+    ]
+    if job.kind is not JobKind.unlearn or len(open_requests) < 2:
+        return []
+    split = []
+    for request in open_requests:
+        alone = create_job(
+            session,
+            JobKind.unlearn,
+            actor=_ACTOR,
+            params=job.params,
+            max_attempts=job.max_attempts,
+            lineage=job.lineage,
+        )
+        alone.enqueued_at = None
+        request.job_id = alone.id
+        split.append(alone.id)
+    session.flush()
+    return split
 
 
 def _fail_open_requests(session: Session, job_id: int, error: str) -> None:

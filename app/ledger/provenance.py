@@ -129,8 +129,9 @@ IN_CHUNK = 500  # bound parameters per query, well under SQLite's and PostgreSQL
 
 
 def step_deltas(session: Session, steps: Iterable[StepRef]) -> list[StepDelta]:
-    """The delta rows of the given steps, ordered by run and step. Only the wanted rows are
-    read: a run may hold hundreds of thousands of steps."""
+    """The delta rows of the given steps, ordered by run and step, as the database holds them
+    now (rolled-back and purge marks are bulk updates that loaded rows do not see). Only the
+    wanted rows are read: a run may hold hundreds of thousands of steps."""
     by_run: dict[int, list[int]] = {}
     for run_id, step in sorted(set(steps)):
         by_run.setdefault(run_id, []).append(step)
@@ -143,6 +144,7 @@ def step_deltas(session: Session, steps: Iterable[StepRef]) -> list[StepDelta]:
                     select(StepDelta)
                     .where(StepDelta.run_id == run_id, StepDelta.step.in_(chunk))
                     .order_by(StepDelta.step)
+                    .execution_options(populate_existing=True)  # marks are bulk updates
                 )
             )
     return rows

@@ -101,7 +101,8 @@ class Sample(Base):
     dataset: Mapped[str] = mapped_column(String(64), index=True)
     split: Mapped[Split] = mapped_column(_enum(Split))
     label: Mapped[int] = mapped_column(Integer)
-    content_sha256: Mapped[str] = mapped_column(String(64))
+    # Cleared when the sample is erased: a plain digest of a small input identifies it.
+    content_sha256: Mapped[str | None] = mapped_column(String(64))
     state: Mapped[SampleState] = mapped_column(_enum(SampleState), default=SampleState.active)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     forgotten_at: Mapped[datetime | None]
@@ -243,6 +244,8 @@ class Job(Base):
     progress: Mapped[int] = mapped_column(Integer, default=0)
     method: Mapped[str | None] = mapped_column(String(32))
     error: Mapped[str | None] = mapped_column(Text)
+    # Objects whose bytes no longer matched their recorded sha256: key, digests, the rung hit.
+    integrity_failures: Mapped[list[Any]] = mapped_column(default=list)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     enqueued_at: Mapped[datetime | None]
     started_at: Mapped[datetime | None]
@@ -266,6 +269,24 @@ class Audit(Base):
     report_key: Mapped[str | None] = mapped_column(String(512))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None]
+
+
+class PurgedArtifact(Base):
+    """An object an erasure deleted from the store (step deltas are marked in ``step_deltas``):
+    what it was, the digest of what was deleted, and the requests whose samples it derived from.
+    Recorded with ``purged_at`` unset before the deletion, so a retry knows what it deletes."""
+
+    __tablename__ = "purged_artifacts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    key: Mapped[str] = mapped_column(String(512), index=True)
+    digest_algorithm: Mapped[str] = mapped_column(String(32))  # sha256, or hmac-sha256 of it
+    digest: Mapped[str | None] = mapped_column(String(64))
+    details: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    request_ids: Mapped[list[Any]] = mapped_column(default=list)
+    purged_at: Mapped[datetime | None]
 
 
 class ApiKey(Base):

@@ -2,6 +2,7 @@
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -47,7 +48,7 @@ def _truncate_all(url: str) -> None:
 
 
 @pytest.fixture
-def api(db_url: str) -> Iterator[Api]:
+def api(db_url: str, tmp_path: Path) -> Iterator[Api]:
     engine = make_engine(db_url)
     with session_scope(engine) as session:
         register_samples(
@@ -58,7 +59,8 @@ def api(db_url: str) -> Iterator[Api]:
         keys = {scope: create_key(session, scope, [scope], actor="test") for scope in SCOPES}
         keys["all"] = create_key(session, "all", list(SCOPES), actor="test")
     enqueued: list[int] = []
-    app = create_app(Settings(database_url=db_url), engine, enqueue=enqueued.append)
+    settings = Settings(database_url=db_url, home=tmp_path / "home")
+    app = create_app(settings, engine, enqueue=enqueued.append)
     with TestClient(app) as client:
         yield Api(client, engine, keys, enqueued)
     engine.dispose()

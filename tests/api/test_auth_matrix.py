@@ -17,6 +17,13 @@ PROTECTED = [
         None,
         "status:read",
     ),
+    (
+        "GET",
+        "/forget/requests/{request_id}/verification",
+        "/forget/requests/r1/verification",
+        None,
+        "audit:read",
+    ),
     ("GET", "/audit/{model_version}", "/audit/v1", None, "audit:read"),
     (
         "GET",
@@ -34,7 +41,7 @@ PROTECTED = [
     ("GET", "/jobs/{job_id}", "/jobs/1", None, "status:read"),
     ("GET", "/stats", "/stats", None, "status:read"),
 ]
-PUBLIC = ["/healthz", "/readyz"]
+PUBLIC = ["/healthz", "/readyz", "/certificates/public-key"]
 UNDOCUMENTED_PUBLIC = ["/metrics", "/openapi.json", "/docs"]
 
 

@@ -4,7 +4,17 @@ from sqlalchemy import select
 
 from app.ledger.clock import utcnow
 from app.ledger.db import open_session, session_scope
-from app.ledger.tables import Audit, AuditEvent, Job, VersionState
+from app.ledger.jobs import create_job
+from app.ledger.tables import (
+    Audit,
+    AuditEvent,
+    Job,
+    JobKind,
+    JobState,
+    ModelVersion,
+    PurgedArtifact,
+    VersionState,
+)
 from app.ledger.versions import create_version, promote
 from tests.api.conftest import Api
 
@@ -65,11 +75,9 @@ def test_retiring_the_serving_version_is_refused(api: Api) -> None:
     assert retired.status_code == 200 and retired.json()["state"] == "retired"
 
 
-def test_audit_report_404_202_and_200(api: Api) -> None:
+def test_audit_report_404_and_200(api: Api) -> None:
     seed_versions(api)
     assert api.client.get("/audit/v7", headers=api.headers()).status_code == 404
-    pending = api.client.get("/audit/v2", headers=api.headers())
-    assert pending.status_code == 202 and pending.json()["state"] == "pending"
     with session_scope(api.engine) as session:
         session.add(
             Audit(
@@ -93,6 +101,60 @@ def test_audit_report_404_202_and_200(api: Api) -> None:
     assert missing.status_code == 404
     unknown = api.client.get("/audit/v2/artifacts/other.png", headers=api.headers())
     assert unknown.status_code == 404
+
+
+def test_audit_is_202_only_while_a_job_will_make_it(api: Api) -> None:
+    """v1 was made outside a job, v2 by a job: 202 while that job is queued or running (or its
+    audit row runs), then 200 with the reason why no audit will come, never an endless 202."""
+    seed_versions(api)
+    with session_scope(api.engine) as session:
+        job = create_job(session, JobKind.unlearn, actor="test")
+        session.get(ModelVersion, 2).job_id = job.id  # type: ignore[union-attr]
+        job_id = job.id
+    never = api.client.get("/audit/v1", headers=api.headers())
+    assert never.status_code == 200 and never.json()["state"] == "not-audited"
+    assert "no job will audit it" in never.json()["reason"]
+
+    pending = api.client.get("/audit/v2", headers=api.headers())
+    assert pending.status_code == 202 and pending.json()["state"] == "pending"
+    with session_scope(api.engine) as session:
+        session.add(Audit(version_id=2, job_id=job_id, state="running"))
+    running = api.client.get("/audit/v2", headers=api.headers())
+    assert running.status_code == 202 and running.json()["state"] == "running"
+
+    with session_scope(api.engine) as session:
+        session.get(Job, job_id).state = JobState.dead  # type: ignore[union-attr]
+    stopped = api.client.get("/audit/v2", headers=api.headers())
+    assert stopped.status_code == 200 and stopped.json()["state"] == "not-audited"
+    assert f"job {job_id} ended dead" in stopped.json()["reason"]
+
+
+def test_a_purged_artifact_is_listed_as_purged_and_answers_410(api: Api) -> None:
+    seed_versions(api)
+    with session_scope(api.engine) as session:
+        job = create_job(session, JobKind.unlearn, actor="test")
+        artifacts = {"roc.png": "audits/v2/1/roc.png", "unlearning_inversion.png": "gone.png"}
+        session.add(Audit(version_id=2, state="done", artifacts=artifacts, finished_at=utcnow()))
+        session.add(
+            PurgedArtifact(
+                kind="audit-images",
+                key="gone.png",
+                digest_algorithm="sha256",
+                digest="0" * 64,
+                job_id=job.id,
+                request_ids=["r-1"],
+                purged_at=utcnow(),
+            )
+        )
+    body = api.client.get("/audit/v2", headers=api.headers()).json()
+    assert body["artifacts"] == {"roc.png": "/audit/v2/artifacts/roc.png"}
+    (name,) = body["purged_artifacts"]
+    assert name == "unlearning_inversion.png"
+    assert body["purged_artifacts"][name]["certificates"] == ["/forget/requests/r-1/certificate"]
+    gone = api.client.get(f"/audit/v2/artifacts/{name}", headers=api.headers())
+    assert gone.status_code == 410
+    assert gone.headers["content-type"] == "application/problem+json"
+    assert gone.json()["certificates"] == ["/forget/requests/r-1/certificate"]
 
 
 def test_train_queues_a_job_and_enqueues_it_after_commit(api: Api) -> None:

@@ -114,6 +114,12 @@ def test_a_forget_request_ends_in_a_promoted_audited_version_and_a_certificate(
     assert certificate["version"] == serving["version"]
     assert certificate["audit"]["decision"] == "pass"
     assert {w["version"] for w in certificate["purged"]["weights"]} >= {parent["version"]}
+    # Signed by the key the API publishes (worker and API read the same key file), and the
+    # store re-checked against it: nothing listed or derived is left.
+    public = http.get("/certificates/public-key").json()
+    assert public["key_id"] == certificate["signature"]["key_id"]
+    verification = http.get(f"{path}/verification").json()
+    assert verification["verified"] is True, verification
     with pytest.raises(LookupError):  # the raw data are gone from the store
         load_samples(service.store(), "digits", [sample_id])
     again = http.post(f"/forget/{sample_id}")

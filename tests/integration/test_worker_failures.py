@@ -181,7 +181,7 @@ def test_pool_process_killed_mid_job_is_requeued_without_the_sweeper(stack: Stac
 def test_a_job_that_always_crashes_ends_dead_with_its_requests_failed(stack: Stack) -> None:
     stack.start_worker()
     with session_scope(stack.engine) as session:
-        file(session, 3)
+        file(session, 1)  # a job of several requests would be split, one job each
         job = coalesce_pending_requests(
             session,
             window_seconds=0,

@@ -116,18 +116,22 @@ def test_a_job_promotes_an_audited_version_purges_and_certifies(ledger: Ledger) 
     session.refresh(v1)
     assert v1.weights_purged_at is not None and not store.exists(v1.weights_key)
     assert store.exists(str(serving.weights_key))
+    listed: set[tuple[int, int]] = set()
     for request in requests:
         certificate = request.certificate
         assert certificate is not None
         assert store.get_json(certificate["store_key"])["request_id"] == request.id
         assert certificate["version"] == serving.version
         assert certificate["audit"]["decision"] == "pass"
-        assert certificate["purged"]["weights"] == [
-            {"version": v1.version, "sha256": v1.weights_sha256}
-        ]
-        assert sorted(certificate["purged"]["step_deltas_sha256"]) == sorted(
-            d.sha256 for d in deltas
-        )
+        (weights,) = certificate["purged"]["weights"]
+        assert (weights["version"], weights["sha256"]) == (v1.version, v1.weights_sha256)
+        listed |= {
+            (group["run_id"], step)
+            for group in certificate["purged"]["step-deltas"]
+            for first, last in group["steps"]
+            for step in range(first, last + 1)
+        }
+    assert {(d.run_id, d.step) for d in deltas} == listed  # each certificate: its sample's
 
 
 def test_forgotten_samples_are_left_out_of_every_later_training(ledger: Ledger) -> None:
@@ -209,13 +213,13 @@ def test_a_crash_after_promotion_only_finishes_the_purge(
     ledger.session.rollback()
     promoted = alias_target(ledger.session)
     assert promoted is not None and promoted.job_id == job.id
-    of_job = select(ModelVersion.id).where(ModelVersion.job_id == job.id)
-    candidates = ledger.session.scalars(of_job).all()  # rejected rungs, if any, and the promoted
+    made = select(ModelVersion.id).where(ModelVersion.job_id == job.id)
+    before = ledger.session.scalars(made).all()
 
     assert ledger.run(job) == promoted.method  # the retry: no new candidate, the purge is done
 
     assert alias_target(ledger.session) == promoted
-    assert ledger.session.scalars(of_job).all() == candidates
+    assert ledger.session.scalars(made).all() == before
     (request,) = requests_of_job(ledger.session, job.id)
     assert request.certificate is not None
     with pytest.raises(LookupError):
@@ -267,7 +271,7 @@ def test_erasing_a_reference_pool_sample_purges_the_audit_models_that_learned_it
 
     (request,) = requests_of_job(ledger.session, ledger.session.scalars(select(Job.id)).one())
     assert request.state is RequestState.completed
-    purged = request.certificate["purged"]["audit_reference_models"]  # type: ignore[index]
+    purged = request.certificate["purged"]["audit-models"]  # type: ignore[index]
     assert set(cached) <= {p["key"] for p in purged}
     assert not any(store.exists(key) for key in cached)
     # The next audit's models are built from the pool without the sample.

@@ -131,7 +131,7 @@ def test_release_lease_lets_the_redelivery_claim_at_once(session: Session) -> No
 
 
 def test_a_crashing_job_is_requeued_then_dead_with_its_requests_failed(session: Session) -> None:
-    job_id = unlearn_job(session)
+    job_id = unlearn_job(session, requests=1)
     for attempt in (1, 2):
         claim(session, job_id)
         assert fail_attempt(session, job_id, attempt, "boom") is JobState.queued
@@ -155,12 +155,40 @@ def assert_requests_failed(session: Session, job_id: int, error: str) -> None:
 
 
 def test_a_permanent_failure_ends_failed_at_once(session: Session) -> None:
-    job_id = unlearn_job(session)
+    job_id = unlearn_job(session, requests=1)
     claim(session, job_id)
     fail_job(session, job_id, 1, "cannot")
     session.commit()
     assert get_job(session, job_id).state is JobState.failed
     assert_requests_failed(session, job_id, "cannot")
+
+
+@pytest.mark.parametrize("ending", ["failed", "dead"])
+def test_a_failed_job_of_several_requests_is_split_one_job_each(
+    session: Session, ending: str
+) -> None:
+    """One request's failure never fails the others: each goes on in a job of its own (sent by
+    the next sweep), to its own outcome; a job of one request fails as before."""
+    job_id = unlearn_job(session, requests=3)
+    filed = {r.id for r in requests_of_job(session, job_id)}
+    claim(session, job_id)
+    if ending == "failed":
+        fail_job(session, job_id, 1, "cannot")
+    else:
+        session.execute(update(Job).where(Job.id == job_id).values(max_attempts=1))
+        assert fail_attempt(session, job_id, 1, "boom") is JobState.dead
+    session.commit()
+    job = get_job(session, job_id)
+    assert job.state is JobState(ending) and "go on alone, in jobs" in str(job.error)
+    assert requests_of_job(session, job_id) == []
+    split = session.scalars(select(Job).where(Job.id != job_id)).all()
+    assert [len(requests_of_job(session, j.id)) for j in split] == [1, 1, 1]
+    assert {r.id for j in split for r in requests_of_job(session, j.id)} == filed
+    assert {(j.state, j.enqueued_at) for j in split} == {(JobState.queued, None)}
+    assert {r.state for j in split for r in requests_of_job(session, j.id)} == {
+        RequestState.processing
+    }
+    assert set(sweep_stale_jobs(session, requeue_after_seconds=300).resend) == {j.id for j in split}
 
 
 def test_sweep_requeues_lost_attempts_buries_exhausted_ones_and_resends_stale(
@@ -282,7 +310,7 @@ def test_a_heartbeat_held_off_by_the_jobs_own_sqlite_lock_is_not_a_warning(
 def test_a_raising_job_is_retried_by_the_task_until_dead(
     session: Session, settings: Settings, engine: Engine, run_in_process: Any
 ) -> None:
-    job_id = unlearn_job(session, test_fault={"mode": "raise"})
+    job_id = unlearn_job(session, requests=1, test_fault={"mode": "raise"})
     execute_job(job_id, settings=settings, engine=engine)
     run_in_process.drain(timeout=10)  # the task re-enqueued attempts 2 and 3 itself
     job = get_job(session, job_id)
@@ -291,7 +319,7 @@ def test_a_raising_job_is_retried_by_the_task_until_dead(
 
 
 def test_a_failing_job_is_not_retried(session: Session, settings: Settings, engine: Engine) -> None:
-    job_id = unlearn_job(session, test_fault={"mode": "fail"})
+    job_id = unlearn_job(session, requests=1, test_fault={"mode": "fail"})
     assert execute_job(job_id, settings=settings, engine=engine) == "failed"
     assert (get_job(session, job_id).state, get_job(session, job_id).attempts) == (
         JobState.failed,

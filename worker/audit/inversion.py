@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
+from app.ledger.erasure import class_inversions_key
 from worker.audit.config import AuditConfig
 from worker.audit.images import gaussian_blur, median_filter, png_grid
 from worker.audit.references import ReferenceSet, train_model
@@ -70,7 +71,7 @@ def cached_inversions(
     if weights_sha256 is None:
         return invert_classes(model, classes, shape, config, device)
     settings = f"{config.class_inversion_iterations}x{config.class_inversion_denoise_every}"
-    key = f"audits/class-inversions/{weights_sha256}-{settings}.safetensors"
+    key = class_inversions_key(weights_sha256, settings)
     if not store.exists(key):
         store.put_tensors(key, {"images": invert_classes(model, classes, shape, config, device)})
     return store.get_tensors(key, torch.device("cpu"))["images"]

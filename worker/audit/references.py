@@ -14,7 +14,8 @@
 Everything lives under ``audits/references/<hash of the configuration>/``; each cached object
 has a JSON sidecar with the seconds it took to build, which the report shows as one-off cost.
 The folder's manifest names the pool it was built from: erasing a pool sample purges the folder
-(``purge_reference_caches``) and the next audit builds a new one without it.
+(it is in the sample's erasure closure, ``app.ledger.erasure``) and the next audit builds a new
+one without it.
 """
 
 import hashlib
@@ -27,13 +28,13 @@ from functools import partial
 import torch
 from torch import nn
 
+from app.ledger.erasure import REFERENCES_PREFIX
 from worker.data import SampleSet
 from worker.nets import ModelSpec, build_model
-from worker.store import ArtifactStore, sha256_hex
+from worker.store import ArtifactStore
 from worker.training import Progress, TrainConfig, train
 
 Tensors = dict[str, torch.Tensor]
-REFERENCES_PREFIX = "audits/references"
 
 
 @dataclass
@@ -124,20 +125,3 @@ def reference_set(
         if progress:
             progress((i + 1) * 100 // count)
     return references
-
-
-def purge_reference_caches(store: ArtifactStore, erased: set[str]) -> list[dict[str, str]]:
-    """Deletes every cached reference folder whose pool held an erased sample (its reference,
-    shadow, attack and evaluator models all learned from that pool). Returns the key and sha256
-    of each deleted object, for the certificate."""
-    purged = []
-    for manifest_key in store.list(REFERENCES_PREFIX):
-        if not manifest_key.endswith("/manifest.json"):
-            continue
-        if erased.isdisjoint(store.get_json(manifest_key)["pool"]):
-            continue
-        folder = manifest_key.removesuffix("/manifest.json")
-        for key in store.list(folder):
-            purged.append({"key": key, "sha256": sha256_hex(store.get_bytes(key))})
-            store.delete(key)
-    return purged

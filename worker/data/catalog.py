@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from sqlalchemy.orm import Session
 
+from app.ledger.erasure import dataset_manifest_key, dataset_shards_prefix
 from app.ledger.samples import SampleRecord, register_samples, sample_ids
 from app.ledger.tables import SampleState, Split
 from worker.data.sources import RawDataset
@@ -65,10 +66,6 @@ class SampleSet:
         )
 
 
-def manifest_key(dataset: str) -> str:
-    return f"datasets/{dataset}/manifest.json"
-
-
 def assign_splits(ids: Sequence[str], seed: int) -> dict[str, Split]:
     """A seeded permutation of the sorted IDs, cut by SPLIT_FRACTIONS: the same every time."""
     ordered = sorted(ids)
@@ -92,7 +89,7 @@ def ingest(session: Session, store: ArtifactStore, raw: RawDataset, seed: int = 
     samples were new to the ledger. Re-running never brings back an erased sample: once the
     copy exists, only the samples still in it are registered."""
     splits = assign_splits(raw.sample_ids, seed)
-    if store.exists(manifest_key(raw.name)):
+    if store.exists(dataset_manifest_key(raw.name)):
         kept = {sid for shard in read_manifest(store, raw.name)["shards"] for sid in shard["ids"]}
     else:
         _write_copy(store, raw)
@@ -121,7 +118,7 @@ def _write_copy(store: ArtifactStore, raw: RawDataset) -> None:
             )
         )
     store.put_json(
-        manifest_key(raw.name),
+        dataset_manifest_key(raw.name),
         {"dataset": raw.name, "num_classes": raw.num_classes, "shards": shards},
     )
 
@@ -136,7 +133,7 @@ def _write_shard(
     labels: torch.Tensor,
 ) -> dict[str, Any]:
     # A rewritten shard gets a new key, so the manifest never names a half-written object.
-    key = f"datasets/{dataset}/shards/{number:05d}.g{generation}.safetensors"
+    key = f"{dataset_shards_prefix(dataset)}/{number:05d}.g{generation}.safetensors"
     stored = store.put_tensors(key, {"images": images, "labels": labels})
     return {
         "key": key,
@@ -148,7 +145,7 @@ def _write_shard(
 
 
 def read_manifest(store: ArtifactStore, dataset: str) -> dict[str, Any]:
-    manifest: dict[str, Any] = store.get_json(manifest_key(dataset))
+    manifest: dict[str, Any] = store.get_json(dataset_manifest_key(dataset))
     return manifest
 
 
@@ -196,8 +193,7 @@ def erase_samples(
 ) -> list[dict[str, Any]]:
     """Removes the samples' raw data from Lethe's copy: each shard holding one is rewritten
     without it and the old object deleted. Returns, per rewritten shard, the old and new keys
-    and hashes (for the erasure certificate). Idempotent; a re-run also deletes shard objects a
-    crashed run left behind."""
+    and hashes. Idempotent; a re-run also deletes shard objects a crashed run left behind."""
     manifest = read_manifest(store, dataset)
     gone = set(erased)
     receipts = []
@@ -215,7 +211,7 @@ def erase_samples(
             shards.append(replacement)
         receipts.append(receipt)
     if receipts:
-        store.put_json(manifest_key(dataset), {**manifest, "shards": shards})
+        store.put_json(dataset_manifest_key(dataset), {**manifest, "shards": shards})
     _delete_unlisted_shards(store, dataset, {shard["key"] for shard in shards})
     return receipts
 
@@ -237,6 +233,6 @@ def _rewrite_shard(
 
 
 def _delete_unlisted_shards(store: ArtifactStore, dataset: str, listed: set[str]) -> None:
-    for key in store.list(f"datasets/{dataset}/shards"):
+    for key in store.list(dataset_shards_prefix(dataset)):
         if key not in listed:
             store.delete(key)

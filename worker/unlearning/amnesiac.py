@@ -53,10 +53,22 @@ class RollbackPlan:
     already_rolled_back: list[StepRef]  # touched the forget set, subtracted by an ancestor
     total_steps: int  # steps recorded in the lineage's runs
     dataset: str
+    purged: list[StepRef]  # to subtract, but an erasure deleted their deltas: no rollback
 
     @property
     def share(self) -> float:
         return len(self.steps) / self.total_steps if self.total_steps else 0.0
+
+    @property
+    def blocked(self) -> str | None:
+        """Why no rollback can be made, or None."""
+        if not self.purged:
+            return None
+        runs = sorted({run for run, _ in self.purged})
+        return (
+            f"the deltas of {len(self.purged)} step(s) to subtract (run(s) "
+            f"{', '.join(map(str, runs))}) were purged by an earlier erasure"
+        )
 
 
 def plan_rollback(
@@ -74,11 +86,13 @@ def plan_rollback(
         if ref[0] in run_ids
     }
     done = rolled_back_steps(session, [v.id for v in chain])
+    steps = sorted(touched - done)
     return RollbackPlan(
-        steps=sorted(touched - done),
+        steps=steps,
         already_rolled_back=sorted(touched & done),
         total_steps=sum(run.num_steps for run in runs),
         dataset=runs[-1].dataset,
+        purged=[(d.run_id, d.step) for d in step_deltas(session, steps) if d.purged_at],
     )
 
 
@@ -134,6 +148,8 @@ def amnesiac_rollback(
     first run's learning rate times ``repair_lr_scale``. At the full rate a fresh optimiser
     costs a converged model 2 to 6 points on digits; a tenth costs none (bench_rollback)."""
     plan = plan_rollback(session, parent, forget_ids)
+    if plan.blocked:
+        raise ValueError(f"no amnesiac rollback: {plan.blocked}")
     model = load_model(store, parent, device)
     version = new_version(
         session,

@@ -32,6 +32,7 @@ from worker.config import PolicySettings
 from worker.unlearning.amnesiac import plan_rollback
 
 LADDER = ("amnesiac", "amnesiac+repair", "relabel", "retrain-exact")
+ROLLBACK_RUNGS = ("amnesiac", "amnesiac+repair")  # they subtract recorded deltas
 
 
 class PlannerPolicy(PolicySettings):
@@ -66,6 +67,7 @@ class Rung:
     method: str
     predicted_test_drop_points: float
     within_budget: bool
+    blocked: str | None = None  # why this rung cannot run (e.g. its deltas were purged)
 
 
 @dataclass(frozen=True)
@@ -80,8 +82,14 @@ class Plan:
 
     @property
     def method(self) -> str:
-        """The first rung within budget; exact retraining, the last rung, always qualifies."""
-        return next(rung.method for rung in self.ladder if rung.within_budget)
+        """The first rung within budget that can run; exact retraining, the last rung, always
+        qualifies."""
+        return next(r.method for r in self.ladder if r.within_budget and r.blocked is None)
+
+    @property
+    def blocked(self) -> dict[str, str]:
+        """The rungs that cannot run, with the reason."""
+        return {r.method: r.blocked for r in self.ladder if r.blocked is not None}
 
 
 def plan(
@@ -112,7 +120,12 @@ def plan(
         affected_share=rollback.share,
         forget_share=forget_share,
         ladder=[
-            Rung(method, drop, drop <= policy.max_predicted_drop_points or method == LADDER[-1])
+            Rung(
+                method,
+                drop,
+                drop <= policy.max_predicted_drop_points or method == LADDER[-1],
+                rollback.blocked if method in ROLLBACK_RUNGS else None,
+            )
             for method, drop in predictions.items()
         ],
         relabel_rate_observed_in=len(observed),
