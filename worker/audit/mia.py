@@ -107,7 +107,7 @@ def shadow_mia(
 def calibrated_mia(
     candidate_logits: dict[str, torch.Tensor], sets: dict[str, SampleSet], fpr: float
 ) -> AttackOutcome:
-    """``candidate_logits`` and ``sets`` hold "forget", "heldout", "retained" and "test"."""
+    """``candidate_logits`` and ``sets`` hold "forget", "heldout" and "retained"."""
     pos = scaled_logit(candidate_logits["forget"], sets["forget"].labels).numpy()
     neg = scaled_logit(candidate_logits["heldout"], sets["heldout"].labels).numpy()
     figures = {
@@ -122,15 +122,16 @@ def mia_efficacy(
     logits_by_set: dict[str, torch.Tensor], sets: dict[str, SampleSet]
 ) -> dict[str, Any]:
     """SalUn/l1-sparse MIA-efficacy: an RBF SVC (C=3, gamma='auto') on the true-class
-    confidence, members = the first |T| retained samples, non-members = T; the share of F it
-    calls non-member. Read as a gap to exact retraining, not as "higher is better"."""
+    confidence, members = the first |H| retained samples, non-members = H (never seen; SalUn
+    uses its test set); the share of F it calls non-member. Read as a gap to exact retraining,
+    not as "higher is better"."""
     confidence = {
         name: true_class_confidence(logits_by_set[name], sets[name].labels).numpy()
-        for name in ("retained", "test", "forget")
+        for name in ("retained", "heldout", "forget")
     }
-    members = confidence["retained"][: len(confidence["test"])]
-    x = np.concatenate([members, confidence["test"]]).reshape(-1, 1)
-    y = np.concatenate([np.ones(len(members)), np.zeros(len(confidence["test"]))])
+    members = confidence["retained"][: len(confidence["heldout"])]
+    x = np.concatenate([members, confidence["heldout"]]).reshape(-1, 1)
+    y = np.concatenate([np.ones(len(members)), np.zeros(len(confidence["heldout"]))])
     svc = SVC(C=3, gamma="auto", kernel="rbf").fit(x, y)
     called_member = svc.predict(confidence["forget"].reshape(-1, 1))
     return clopper_pearson(int((called_member == 0).sum()), len(called_member)).to_dict()

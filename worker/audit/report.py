@@ -49,7 +49,7 @@ DEFINITIONS = {
     "monotone function of the loss; threshold set on H at the target FPR; TPR on F with "
     "Clopper-Pearson interval; AUC(F vs H) with Hanley-McNeil interval (0.5 = F "
     "indistinguishable from unseen data; far below 0.5 = over-unlearning). mia_efficacy: "
-    "SalUn's share of F that an RBF SVC on confidence (retained vs test) calls non-member; "
+    "SalUn's share of F that an RBF SVC on confidence (retained vs H) calls non-member; "
     "compare it with exact retraining, do not maximise it.",
     "lira": "Reported, not a gate rule. "
     "Offline LiRA (Carlini et al.): per sample, z = (scaled logit on the candidate - "

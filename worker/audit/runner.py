@@ -16,7 +16,8 @@ from torch import nn
 
 from app.ledger.audits import create_audit, finish_audit
 from app.ledger.provenance import root_run
-from app.ledger.tables import ModelVersion, Split
+from app.ledger.samples import sample_ids
+from app.ledger.tables import ModelVersion, SampleState, Split
 from worker.audit import mia
 from worker.audit.config import AuditConfig
 from worker.audit.gate import AuditDecision, GatePolicy, decide
@@ -40,7 +41,6 @@ from worker.store import ArtifactStore
 from worker.training import Progress, TrainConfig, load_model, model_spec
 
 SETS = ("forget", "heldout", "test", "retained")
-NEVER_SEEN = ("heldout", "test")  # the null set Z: no version and no reference model saw them
 
 
 @dataclass(frozen=True)
@@ -86,10 +86,18 @@ def audit_sets(
 
 
 def never_seen_sets(session: Session, store: ArtifactStore, dataset: str) -> dict[str, SampleSet]:
-    return {
-        "heldout": load_split(session, store, dataset, Split.heldout),
-        "test": load_split(session, store, dataset, Split.test),
-    }
+    """H ("heldout"): every held-out and test sample still held. No version and no reference
+    model saw them: the null set of the membership tests, and the non-members of the reported
+    attacks. T ("test"): the test samples among them, for utility. An erasure that empties one
+    split leaves the other; with neither, there is nothing to judge a candidate by."""
+    heldout_ids = sample_ids(session, dataset, Split.heldout, SampleState.active)
+    test_ids = sample_ids(session, dataset, Split.test, SampleState.active)
+    if not heldout_ids and not test_ids:
+        raise LookupError(f"{dataset} has no held-out or test sample left to audit against")
+    never_seen = load_samples(store, dataset, heldout_ids + test_ids)
+    tests = set(test_ids)
+    positions = [i for i, sid in enumerate(never_seen.sample_ids) if sid in tests]
+    return {"heldout": never_seen, "test": never_seen.select(positions)}
 
 
 def seeded_subset(data: SampleSet, size: int, seed: int = 0) -> SampleSet:
@@ -115,8 +123,8 @@ def utility(
         figures[name] = {"parent": before, "candidate": after, "drop_points": drop}
 
     def correct(raw: dict[str, torch.Tensor]) -> np.ndarray:
-        hits = [raw[name].argmax(dim=1) == sets[name].labels.cpu() for name in NEVER_SEEN]
-        return torch.cat(hits).numpy()
+        hits: np.ndarray = (raw["heldout"].argmax(dim=1) == sets["heldout"].labels.cpu()).numpy()
+        return hits
 
     figures["paired"] = paired_accuracy(correct(parent), correct(candidate))
     return figures
@@ -135,9 +143,10 @@ class AttackRun:
 
 
 def phi_of(raw: dict[str, torch.Tensor], sets: dict[str, SampleSet], name: str) -> np.ndarray:
-    """LiRA's scaled logit of one set, or of the null set Z ("null": held-out and test)."""
-    names = NEVER_SEEN if name == "null" else (name,)
-    return torch.cat([scaled_logit(raw[n], sets[n].labels) for n in names]).numpy()
+    """LiRA's scaled logit of one set ("null": the never-seen samples, H)."""
+    part = "heldout" if name == "null" else name
+    phi: np.ndarray = scaled_logit(raw[part], sets[part].labels).numpy()
+    return phi
 
 
 def scores_of(
@@ -160,10 +169,10 @@ def reference_difficulty(
     device: torch.device,
 ) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]:
     """Every reference model's scaled logit on the named sets ((R, N) each), and the difficulty
-    of each sample: the references' median, with "null" for held-out and test together."""
+    of each sample: the references' median ("null": the never-seen samples, H)."""
     by_reference = mia.reference_statistics(references, {n: sets[n] for n in names}, device)
     difficulty = {n: by_reference[n].median(dim=0).values.numpy() for n in names}
-    difficulty["null"] = np.concatenate([difficulty[n] for n in NEVER_SEEN])
+    difficulty["null"] = difficulty["heldout"]
     return by_reference, difficulty
 
 
@@ -179,7 +188,7 @@ def membership_attacks(
     candidate, parent = outputs["candidate"], outputs["parent"]
     with watch("per_sample"):
         by_reference, difficulty = reference_difficulty(
-            references, sets, ("forget", *NEVER_SEEN, "power"), device
+            references, sets, ("forget", "heldout", "power"), device
         )
         per_sample = membership_test(
             sets["forget"].sample_ids,
@@ -253,7 +262,7 @@ def inversion_attacks(
     forget = sets["forget"]
     channels, height, width = forget.images.shape[1:]
     with watch("unlearning_inversion"):
-        probes = {role: outputs[role]["test"].softmax(dim=1) for role in outputs}
+        probes = {role: outputs[role]["heldout"].softmax(dim=1) for role in outputs}
         control = positive_control(
             references.store,
             versions["parent"].weights_sha256,
@@ -346,7 +355,7 @@ def forget_probe(
     return ForgetProbe(
         references,
         load_samples(store, dataset, forget_ids),
-        never_seen["heldout"].plus(never_seen["test"]),
+        never_seen["heldout"],
         device,
     )
 
@@ -530,13 +539,13 @@ def run_baseline_audit(
         pool = load_split(session, store, dataset, Split.pool)
         references = references_for(session, store, version, pool, config, device)
     with watch("per_sample"):
-        _, difficulty = reference_difficulty(references, sets, ("forget", *NEVER_SEEN), device)
+        _, difficulty = reference_difficulty(references, sets, ("forget", "heldout"), device)
         scores = scores_of(raw, sets, difficulty, ("forget", "null"))
         p_leak, _ = rank_p_values(scores.forget, scores.null)
     remembered = clopper_pearson(int((p_leak < policy.control_alpha).sum()), len(p_leak))
     accuracy = {
         name: float((raw[name].argmax(dim=1) == sets[name].labels.cpu()).float().mean())
-        for name in (*NEVER_SEEN, "forget")
+        for name in ("heldout", "test", "forget")
     }
     member_auc = auc_with_interval(scores.forget, scores.null)
     metrics = {
