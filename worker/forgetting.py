@@ -43,10 +43,9 @@ from worker.audit import GatePolicy, run_audit
 from worker.audit.references import purge_reference_caches
 from worker.data import erase_samples
 from worker.devices import resolve_device
+from worker.progress import Progress, Step, within
 from worker.store import ArtifactStore, sha256_hex
-from worker.training import Progress
 from worker.unlearning import LADDER, MethodOptions, plan, purge_deltas, unlearn
-from worker.unlearning.common import within
 
 # Audit artifacts that picture the erased samples (rebuilt from the two versions' difference):
 # they are personal data too, and go with the purge.
@@ -83,6 +82,7 @@ def run_unlearn_job(
     if not uncertified:
         return job.method
     version = _completed_version(session, uncertified)
+    progress(90, Step("purge and certificates"))
     purge_and_certify(session, store, job, version, uncertified, settings)
     progress(100)
     return version.method
@@ -116,7 +116,12 @@ def forget(
     rungs = [m for m in LADDER[LADDER.index(first) :] if m not in done]
     device = resolve_device()
     for number, method in enumerate(rungs):
-        span = within(progress, 100 * number // len(rungs), 100 * (number + 1) // len(rungs))
+        span = within(
+            progress,
+            100 * number // len(rungs),
+            100 * (number + 1) // len(rungs),
+            f"{method} (rung {LADDER.index(method) + 1} of {len(LADDER)})",
+        )
         candidate, rung = _try_rung(session, store, job, parent, forget_ids, method, device, span)
         tried.append(rung)
         if rung.decision == "pass":
@@ -168,7 +173,7 @@ def _try_rung(
         method,
         device,
         MethodOptions(),
-        within(progress, 0, 50),
+        within(progress, 0, 50, "unlearning"),
     )
     candidate.job_id = job.id
     transition_version(session, candidate, {VersionState.candidate}, VersionState.auditing)
@@ -180,7 +185,7 @@ def _try_rung(
         forget_ids,
         device,
         GatePolicy(),
-        within(progress, 50, 100),
+        within(progress, 50, 100, "audit"),
         job_id=job.id,
     )
     if not audit.passed:

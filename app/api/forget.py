@@ -29,6 +29,7 @@ from app.api.deps import (
     statement_pool,
 )
 from app.api.errors import PROBLEM_RESPONSES, Problem
+from app.api.jobs import job_summary
 from app.ledger import idempotency
 from app.ledger.clock import utcnow
 from app.ledger.db import open_session
@@ -48,7 +49,6 @@ from app.schemas import (
     ForgetManyBody,
     ForgetManyOut,
     ForgetRequestOut,
-    JobSummary,
     RequestPage,
 )
 from app.security import Principal
@@ -110,7 +110,7 @@ def request_out(view: RequestView, now: datetime) -> ForgetRequestOut:
         updated_at=view.updated_at,
         completed_at=view.completed_at,
         overdue=view.state in OPEN_REQUEST_STATES and view.deadline < now,
-        job=JobSummary.model_validate(job, from_attributes=True) if job else None,
+        job=job_summary(job) if job else None,
         completed_in_version=view.completed_in_version,
         error=view.error,
         certificate=view.certificate,

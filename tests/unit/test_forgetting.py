@@ -72,7 +72,9 @@ class Ledger:
 
     def run(self, job: Job) -> str | None:
         progress: list[int] = []
-        method = forgetting.run_unlearn_job(self.session, job, progress.append, self.settings)
+        method = forgetting.run_unlearn_job(
+            self.session, job, lambda percent, _step=None: progress.append(percent), self.settings
+        )
         self.session.commit()
         assert progress == sorted(progress) and progress[-1] == 100
         return method
