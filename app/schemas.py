@@ -48,7 +48,7 @@ class JobStep(BaseModel):
     )
     done: int | None = None
     total: int | None = None
-    unit: str | None = Field(default=None, description="What done and total count, e.g. 'model'")
+    unit: str | None = Field(default=None, description="What done and total count, e.g. 'models'")
     left_seconds: float | None = Field(
         default=None, description="The phase's time left, estimated from its pace so far"
     )

@@ -126,4 +126,4 @@ def _sleep_reporting(
             record_event(holding, actor=f"job:{job_id}", action="jobs.test", target="hold")
             holding.flush()
         time.sleep(seconds / ticks)
-        progress(tick * 100 // ticks, Step("sleeping", tick, ticks, "tick"))
+        progress(tick * 100 // ticks, Step("sleeping", tick, ticks, "ticks"))

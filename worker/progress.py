@@ -4,16 +4,19 @@ reference models") and, where the phase counts something, how many of how many.
 
 The job's heartbeat adds the phase's time left (``Pace``) and writes it to the ledger, where
 ``GET /jobs/{id}`` shows it; ``PhaseBars`` draws the steps as bars (``lethe train``,
-``lethe demo``). Torch-free.
+``lethe demo``). Torch-free, and tqdm is imported only to draw: ``lethe`` imports this module
+in the API image too, which has neither.
 """
 
+import shutil
 import sys
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Protocol, TextIO
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
-from tqdm import tqdm
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 
 @dataclass(frozen=True)
@@ -71,9 +74,14 @@ class Pace:
         return {**asdict(step), "left_seconds": left}
 
 
+# A counted phase: its count, a bar, elapsed and time left; any other: the time it has taken.
+COUNTED = "{desc}: {n_fmt}/{total_fmt} {unit} |{bar}| {elapsed}<{remaining}"
+UNCOUNTED = "{desc}: {elapsed}"
+
+
 class PhaseBars:
-    """Draws each phase as a bar (tqdm: count, elapsed and time left), one after the other; on
-    a stream that is not a terminal, one line per phase instead of a redrawn bar."""
+    """Draws each phase as a bar (tqdm), one after the other; on a stream that is not a terminal,
+    one line per phase instead of a redrawn bar. Called as a ``Progress``, or with ``show``."""
 
     def __init__(self, stream: TextIO = sys.stdout, indent: str = "  ") -> None:
         self._stream = stream
@@ -82,28 +90,42 @@ class PhaseBars:
         self._bar: tqdm[Any] | None = None
         self._phase: str | None = None
 
+    def __call__(self, percent: int, step: Step | None = None, /) -> None:
+        if step is not None:
+            self.show(step)
+
     def show(self, step: Step) -> None:
         if not step.said:
             return
         if step.phase != self._phase:
+            self._complete()  # the work moved on: the phase before is done
             self.close()
             self._phase = step.phase
             if self._live:
+                from tqdm import tqdm
+
+                # 80 x 24 where a terminal says 0 x 0 (tqdm would then draw nothing)
+                columns, lines = shutil.get_terminal_size()
                 self._bar = tqdm(
                     desc=f"{self._indent}{step.phase}",
                     total=step.total,
-                    unit=step.unit or "it",
+                    unit=step.unit,
+                    bar_format=COUNTED if step.total is not None else UNCOUNTED,
                     file=self._stream,
-                    dynamic_ncols=True,
-                    leave=True,
+                    ncols=columns,
+                    nrows=lines,
                 )
             else:
                 count = f" ({step.total} {step.unit})" if step.total is not None else ""
                 print(f"{self._indent}{step.phase}{count}", file=self._stream, flush=True)
         if self._bar is not None and step.done is not None:
-            if step.total is not None and self._bar.total != step.total:
-                self._bar.total = step.total
             self._bar.update(step.done - self._bar.n)
+        elif self._bar is not None:
+            self._bar.refresh()  # an uncounted phase: its elapsed time
+
+    def _complete(self) -> None:
+        if self._bar is not None and self._bar.total is not None:
+            self._bar.update(self._bar.total - self._bar.n)
 
     def close(self) -> None:
         if self._bar is not None:

@@ -98,7 +98,12 @@ def embedded_services(settings: Settings, engine: Engine) -> Iterator[None]:
 
 def add_scheduler_command(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     scheduler = commands.add_parser(
-        "scheduler", help="coalesce deletion requests into jobs and re-send stale jobs"
+        "scheduler",
+        help="coalesce deletion requests into jobs and re-send stale jobs",
+        description="Every LETHE_SCHEDULER_INTERVAL_SECONDS: batches the pending deletion "
+        "requests of a window (LETHE_COALESCE_WINDOW_SECONDS) into one unlearn job, sends it "
+        "to the broker (LETHE_BROKER_URL), and re-sends the jobs that were lost or never taken. "
+        "Runs until SIGTERM or Ctrl-C; several may run at once.",
     )
     scheduler.set_defaults(handler=_scheduler_command)
 

@@ -77,7 +77,7 @@ class ProgressReporter:
     """Calls back with a whole percentage and the count of ``unit`` done, only when the
     percentage changes."""
 
-    def __init__(self, callback: Progress | None, total: int, unit: str = "step") -> None:
+    def __init__(self, callback: Progress | None, total: int, unit: str = "steps") -> None:
         self.callback, self.total, self.last = callback, max(total, 1), -1
         self.unit = unit
 

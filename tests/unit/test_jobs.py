@@ -325,7 +325,7 @@ def test_an_embedded_job_holding_the_ledger_past_its_lease_runs_on_and_shows_pro
     assert any(0 < j["progress"] < 100 for j in running)  # while the job held the ledger
     shown = [j["progress_detail"] for j in running if j["progress_detail"]]
     assert shown and {d["phase"] for d in shown} == {"sleeping"}
-    assert {d["unit"] for d in shown} == {"tick"} and max(d["done"] for d in shown) > 1
+    assert {d["unit"] for d in shown} == {"ticks"} and max(d["done"] for d in shown) > 1
     assert any(d["left_seconds"] is not None and d["left_seconds"] > 0 for d in shown)
     loud = [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
     assert not loud, [r.getMessage() for r in loud]  # no "database is locked", no traceback

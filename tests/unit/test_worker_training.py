@@ -106,7 +106,7 @@ def test_recording_does_not_change_training(session: Session, store: ArtifactSto
     percents = [percent for percent, _ in reports]
     assert percents == sorted(set(percents)) and percents[-1] == 100
     steps = SHORT.total_steps(len(data))  # the count comes with the percentage
-    assert reports[-1][1] == Step(done=steps, total=steps, unit="step")
+    assert reports[-1][1] == Step(done=steps, total=steps, unit="steps")
     for name, tensor in recorded.state_dict().items():
         torch.testing.assert_close(tensor, plain.state_dict()[name], rtol=0, atol=0)
 

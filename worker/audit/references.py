@@ -119,13 +119,13 @@ def reference_set(
     references = ReferenceSet(store, prefix, spec, config, pool, halves, seed)
     for i, half in enumerate(halves):
         if progress:
-            progress(i * 100 // count, Step("reference models", i, count, "model"))
+            progress(i * 100 // count, Step("reference models", i, count, "models"))
         references.cached(
             f"reference-{i:03d}",
             partial(train_model, spec, pool.select(half), config, seed + i, device),
         )
     if progress:
-        progress(100, Step("reference models", count, count, "model"))
+        progress(100, Step("reference models", count, count, "models"))
     return references
 
 
