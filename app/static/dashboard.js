@@ -24,6 +24,8 @@ class ApiError extends Error {
   }
 }
 
+class Unreachable extends Error {}
+
 function el(tag, props = {}, ...children) {
   const node = document.createElement(tag);
   for (const [name, value] of Object.entries(props)) {
@@ -64,10 +66,15 @@ function percent(fraction) {
 }
 
 async function request(path) {
-  const response = await fetch(path, {
-    headers: { "X-API-Key": sessionStorage.getItem(KEY_STORAGE) || "", Accept: "application/json" },
-    cache: "no-store",
-  });
+  let response;
+  try {
+    response = await fetch(path, {
+      headers: { "X-API-Key": sessionStorage.getItem(KEY_STORAGE) || "", Accept: "application/json" },
+      cache: "no-store",
+    });
+  } catch (error) {
+    throw new Unreachable(error.message); // no answer at all: the network or the server
+  }
   if (!response.ok) {
     const body = await response.json().catch(() => ({}));
     throw new ApiError(response.status, body.detail || response.statusText, body);
@@ -94,7 +101,18 @@ function refusedKey(error) {
 
 function problemText(error) {
   if (error instanceof ApiError) return `the API answered ${error.status}: ${error.message}`;
-  return `the API could not be reached (${error.message})`;
+  if (error instanceof Unreachable) return `the API could not be reached (${error.message})`;
+  return `this page could not show it (${error})`; // unexpected data: say so, blame nobody else
+}
+
+// Renders one part of the page; an error shows in that part, and the rest of the page stands.
+async function part(boxId, render) {
+  try {
+    await render();
+  } catch (error) {
+    if (refusedKey(error)) throw error;
+    document.getElementById(boxId).replaceChildren(problem(error));
+  }
 }
 
 function problem(error) {
@@ -511,6 +529,14 @@ function versionCard(version, servingName, result) {
   return card;
 }
 
+function cardOrProblem(version, servingName, result) {
+  try {
+    return versionCard(version, servingName, result);
+  } catch (error) {
+    return el("article", { class: "card", "data-version": version.version }, el("h3", { text: version.version }), problem(error));
+  }
+}
+
 async function renderVersions(models, servingName) {
   const box = document.getElementById("versions");
   if (!models.ok) return box.replaceChildren(problem(models.error));
@@ -519,7 +545,7 @@ async function renderVersions(models, servingName) {
   const audits = await settle(Object.fromEntries(versions.map((v) => [v.version, getJson(`/audit/${v.version}`)])));
   const refused = Object.values(audits).find((a) => !a.ok && refusedKey(a.error));
   if (refused) throw refused.error;
-  box.replaceChildren(...versions.map((v) => versionCard(v, servingName, audits[v.version])));
+  box.replaceChildren(...versions.map((v) => cardOrProblem(v, servingName, audits[v.version])));
 }
 
 // ---- polling -------------------------------------------------------------------------------
@@ -539,12 +565,15 @@ async function refresh() {
   const refused = failures.find((part) => refusedKey(part.error));
   if (refused) throw refused.error;
   if (failures.length === Object.keys(parts).length) throw failures[0].error; // nothing answered
-  renderTiles(parts.stats);
-  renderOpen(parts.pending, parts.processing, parts.overdue);
-  renderFailed(parts.failed);
-  renderCompleted(parts.completed);
   const servingName = parts.serving.ok ? parts.serving.value.version?.version : undefined;
-  await Promise.all([renderServing(parts.serving, parts.models), renderVersions(parts.models, servingName)]);
+  await Promise.all([
+    part("tiles", () => renderTiles(parts.stats)),
+    part("open", () => renderOpen(parts.pending, parts.processing, parts.overdue)),
+    part("failed", () => renderFailed(parts.failed)),
+    part("completed", () => renderCompleted(parts.completed)),
+    part("serving", () => renderServing(parts.serving, parts.models)),
+    part("versions", () => renderVersions(parts.models, servingName)),
+  ]);
   return failures.length;
 }
 
