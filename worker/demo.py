@@ -239,7 +239,7 @@ def print_summary(
         else:
             for r in done:
                 print(f"\n{r['sample_id']}: {r['state']}: {r['error']}")
-    print(f"\ndashboard:    {base_url}/dashboard (paste the API key)")
+    print(f"\ndashboard:    {base_url}/dashboard (enter the API key once)")
     print(f"API key:      {key}")
     print(f'  curl -H "X-API-Key: {key}" {base_url}/models/serving')
 
@@ -257,16 +257,18 @@ def print_deletion(
     samples = ", ".join(r["sample_id"] for r in requests)
     print(f"\n{samples}: forgotten in {version} by {detail['method']}")
     print(f"  time from request to completion: {_duration((completed - received).total_seconds())}")
+    ladder = detail["details"].get("ladder", [])
+    names = dict.fromkeys([*(rung["version"] for rung in ladder), version])
+    audits = {name: _ok(client.get(f"/audit/{name}")) for name in names}
     print("  ladder:")
-    for rung in detail["details"].get("ladder", []):
-        audit = _ok(client.get(f"/audit/{rung['version']}"))
+    for rung in ladder:
+        audit = audits[rung["version"]]
         decision = audit.get("decision") or audit["state"]
         print(f"    {rung['version']:<5} {rung['method']:<16} {decision}")
         for reason in audit.get("reasons", []):
             if isinstance(reason, dict) and not reason.get("passed", True):
                 print(f"      failed {reason.get('rule')}: {reason.get('reason')}")
-    accuracy = _ok(client.get(f"/audit/{version}")).get("metrics", {}).get("utility", {})
-    test = accuracy.get("test", {})
+    test = audits[version].get("metrics", {}).get("utility", {}).get("test", {})
     if test.get("parent") is not None and test.get("candidate") is not None:
         print(
             f"  test accuracy: {100 * test['parent']:.1f}% before ({detail['parent']}), "

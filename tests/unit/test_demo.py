@@ -4,6 +4,7 @@ import re
 import socket
 from pathlib import Path
 
+import httpx
 import pytest
 from pydantic import SecretStr
 from sqlalchemy import Engine, select
@@ -16,7 +17,7 @@ from app.settings import Settings
 from tests.conftest import DemoRun
 from tests.integration.servers import free_port
 from tests.lethe_cli import lethe
-from worker.demo import DEMO_KEY_NAME, demo_key, demo_settings, request_status
+from worker.demo import DEMO_KEY_NAME, demo_key, demo_settings, print_summary, request_status
 
 
 def test_demo_settings_keep_what_the_environment_sets(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -40,6 +41,55 @@ def test_a_bootstrap_key_is_used_as_it_is(engine: Engine) -> None:
     assert demo_key(chosen, engine) == "lethe_chosen-by-the-operator"
     with open_session(engine) as session:
         assert not session.scalars(select(ApiKey)).all()  # registered by the API at start-up
+
+
+def test_the_summary_shows_the_ladder_each_failed_rule_and_the_accuracy(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Whatever rules the audit has: their names and reasons are the API's data."""
+    ladder = [
+        {"method": "amnesiac", "version": "v2", "decision": "fail", "failed_rules": ["new_rule"]},
+        {"method": "amnesiac+repair", "version": "v3", "decision": "pass", "failed_rules": []},
+    ]
+    answers = {
+        "/models/v3": {"method": "amnesiac+repair", "parent": "v1", "details": {"ladder": ladder}},
+        "/audit/v2": {
+            "state": "done",
+            "decision": "fail",
+            "reasons": [
+                {"rule": "new_rule", "passed": False, "reason": "a reason of the new rule"},
+                {"rule": "old_rule", "passed": True, "reason": "held"},
+            ],
+        },
+        "/audit/v3": {
+            "state": "done",
+            "decision": "pass",
+            "reasons": [{"rule": "new_rule", "passed": True, "reason": "held"}],
+            "metrics": {"utility": {"test": {"parent": 0.9712, "candidate": 0.9651}}},
+        },
+    }
+    transport = httpx.MockTransport(
+        lambda request: httpx.Response(200, json=answers[request.url.path])
+    )
+    request = {
+        "sample_id": "digits-0002",
+        "state": "completed",
+        "completed_in_version": "v3",
+        "received_at": "2026-12-02T10:00:00+00:00",
+        "completed_at": "2026-12-02T10:01:05+00:00",
+        "links": {"self": "/forget/requests/r1", "certificate": "/forget/requests/r1/certificate"},
+    }
+    with httpx.Client(transport=transport, base_url="http://lethe") as client:
+        print_summary(client, "http://lethe", "lethe_key", [request])
+    out = capsys.readouterr().out
+    assert "digits-0002: forgotten in v3 by amnesiac+repair\n" in out
+    assert "  time from request to completion: 1 min 5 s\n" in out
+    assert re.search(
+        r"    v2 +amnesiac +fail\n      failed new_rule: a reason of the new rule\n", out
+    )
+    assert re.search(r"    v3 +amnesiac\+repair +pass\n", out) and "old_rule" not in out
+    assert "  test accuracy: 97.1% before (v1), 96.5% after (v3)\n" in out
+    assert "certificate: http://lethe/forget/requests/r1/certificate" in out
 
 
 def test_a_completed_request_is_followed_until_it_has_its_certificate() -> None:
