@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -69,6 +70,54 @@ def _send_to_broker(job_id: int, settings: Settings) -> None:
         )
     except (KombuError, RedisError, OSError) as error:
         log.warning("broker unavailable, job %s waits for the sweeper: %r", job_id, error)
+
+
+@dataclass(frozen=True)
+class LiveProgress:
+    attempt: int
+    percent: int
+    detail: dict[str, Any] | None
+
+
+class RunningHere:
+    """The job attempts that run in this process, with the progress they last reported.
+
+    In embedded mode the API, the scheduler and the jobs share one process and one SQLite
+    ledger, whose only write lock a job's transaction holds until it commits: its heartbeats
+    wait for that commit. Here the scheduler learns which jobs are alive and the API what they
+    are doing, from the process that runs them. Elsewhere (Celery) it lists the pool process's
+    own job, which nobody asks about."""
+
+    def __init__(self) -> None:
+        self._jobs: dict[int, LiveProgress] = {}
+        self._lock = threading.Lock()
+
+    def start(self, job_id: int, attempt: int) -> None:
+        with self._lock:
+            self._jobs[job_id] = LiveProgress(attempt, 0, None)
+
+    def end(self, job_id: int) -> None:
+        with self._lock:
+            self._jobs.pop(job_id, None)
+
+    def report(self, job_id: int, percent: int, detail: dict[str, Any] | None) -> None:
+        with self._lock:
+            live = self._jobs.get(job_id)
+            if live is not None:
+                self._jobs[job_id] = LiveProgress(live.attempt, percent, detail)
+
+    def attempts(self) -> set[tuple[int, int]]:
+        """(job, attempt) pairs running now."""
+        with self._lock:
+            return {(job_id, live.attempt) for job_id, live in self._jobs.items()}
+
+    def progress(self, job_id: int, attempt: int) -> LiveProgress | None:
+        with self._lock:
+            live = self._jobs.get(job_id)
+        return live if live is not None and live.attempt == attempt else None
+
+
+running_here = RunningHere()
 
 
 class InProcessRunner:

@@ -42,11 +42,29 @@ class ForgetManyBody(Strict):
     note: Note | None = None
 
 
+class JobStep(BaseModel):
+    """What a running job is doing: its phase and, where the phase counts something, how far."""
+
+    phase: str = Field(
+        default="",
+        description="e.g. 'audit models: reference models'; nested phases are joined by ': '",
+    )
+    done: int | None = None
+    total: int | None = None
+    unit: str | None = Field(default=None, description="What done and total count, e.g. 'models'")
+    left_seconds: float | None = Field(
+        default=None, description="The phase's time left, estimated from its pace so far"
+    )
+
+
 class JobSummary(BaseModel):
     id: int
     kind: str
     state: str
-    progress: int
+    progress: int = Field(description="Percent of the whole job done, 0-100")
+    progress_detail: JobStep | None = Field(
+        default=None, description="The phase of a running job; null when it has not said"
+    )
     attempts: int
     method: str | None
     error: str | None

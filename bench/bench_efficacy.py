@@ -217,7 +217,7 @@ def run_job(home: Path, forget: list[str], start: str) -> tuple[ModelVersion | N
         session.commit()
         started = time.perf_counter()
         try:
-            forgetting.run_unlearn_job(session, job, lambda _: None, settings)
+            forgetting.run_unlearn_job(session, job, lambda *_: None, settings)
             session.commit()
         except forgetting.LadderExhausted:
             session.rollback()

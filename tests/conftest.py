@@ -1,8 +1,10 @@
 """Shared fixtures: every test database is built by the Alembic migrations, never create_all."""
 
 import os
+import subprocess
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,8 @@ from sqlalchemy.orm import Session
 
 from app.ledger import migrate
 from app.ledger.db import make_engine, open_session
+from tests.integration.servers import free_port
+from tests.lethe_cli import lethe
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "LETHE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -65,3 +69,17 @@ def postgres_url() -> Iterator[str]:
     with admin.connect() as connection:
         connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     admin.dispose()
+
+
+@dataclass(frozen=True)
+class DemoRun:
+    home: Path  # its ledger and store: real training, real deletions, purged artifacts
+    result: subprocess.CompletedProcess[str]
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
+    """``lethe demo --no-serve`` once for the session (about a minute and a half on 2 cores):
+    its output for the demo's test, its home for the dashboard's. Copy the home to change it."""
+    home = tmp_path_factory.mktemp("demo")
+    return DemoRun(home, lethe(home, "demo", "--no-serve", "--port", str(free_port())))

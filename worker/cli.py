@@ -11,9 +11,15 @@ from worker.commands import add_worker_commands
 from worker.demo import add_demo_command
 from worker.scheduler import add_scheduler_command
 
+DESCRIPTION = (
+    "Lethe honours right-to-be-forgotten requests against trained PyTorch models. Settings "
+    "come from LETHE_* environment variables (or .env); by default everything runs embedded, "
+    "under ./lethe-data. Start with `lethe demo`."
+)
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lethe", description=__doc__)
+    parser = argparse.ArgumentParser(prog="lethe", description=DESCRIPTION)
     commands = parser.add_subparsers(dest="command", required=True)
     add_app_commands(commands)
     add_worker_commands(commands)

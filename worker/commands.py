@@ -3,7 +3,8 @@ calling process. Torch is imported inside the handlers only."""
 
 import argparse
 import json
-from collections.abc import Callable, Iterator
+import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,41 +17,59 @@ from app.ledger.samples import missing_samples
 from app.ledger.tables import ModelVersion, Split
 from app.ledger.versions import alias_target, get_version
 from app.settings import get_settings
+from worker.progress import PhaseBars, Progress, within
 
 if TYPE_CHECKING:
     import torch
 
     from worker.store import ArtifactStore
 
-Progress = Callable[[int], None]
-
 
 def add_worker_commands(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    train = commands.add_parser("train", help="ingest a data set and train v1 with provenance")
+    train = commands.add_parser(
+        "train",
+        help="ingest a data set and train a version with provenance, in this process",
+        description="Ingests the data set into the ledger and trains a model on its train "
+        "split, recording every step (its batch and its parameter change) so that samples can "
+        "be rolled back later. The version serves when nothing serves yet. Prints the version "
+        "as JSON. Unlike POST /train, it does not build the audit's reference models.",
+    )
     train.add_argument(
         "--dataset",
         default="digits",
-        help="digits, digits-noisy (a fifth of the labels wrong: models memorise), mnist, "
-        "fashion-mnist, cifar10, cifar100 or imagefolder",
+        help="digits (bundled), digits-noisy (the digits with a fifth of the labels wrong: models "
+        "memorise), mnist, fashion-mnist, cifar10, cifar100 or imagefolder",
     )
     train.add_argument("--data-root", type=Path, help="folder of a torchvision data set")
     train.add_argument("--manifest", type=Path, help="imagefolder CSV: sample_id,path,label")
     train.add_argument("--arch", default="small-cnn", help="small-cnn or resnet18")
     # Unset training options keep worker.training.TrainConfig's defaults.
-    train.add_argument("--epochs", type=int)
-    train.add_argument("--batch-size", type=int)
-    train.add_argument("--optimizer", choices=("adam", "sgd"))
-    train.add_argument("--lr", type=float)
-    train.add_argument("--momentum", type=float, help="SGD only")
-    train.add_argument("--weight-decay", type=float)
-    train.add_argument("--seed", type=int)
-    train.add_argument("--delta-dtype", choices=("fp32", "bf16"))
+    train.add_argument("--epochs", type=int, help="passes over the train split (default 10)")
+    train.add_argument("--batch-size", type=int, help="samples per step (default 16)")
+    train.add_argument("--optimizer", choices=("adam", "sgd"), help="the optimiser (default adam)")
+    train.add_argument("--lr", type=float, help="learning rate (default 0.001)")
+    train.add_argument("--momentum", type=float, help="SGD's momentum (default 0.9)")
+    train.add_argument("--weight-decay", type=float, help="L2 penalty (default 0.0)")
+    train.add_argument("--seed", type=int, help="seed of the weights and data order (default 0)")
+    train.add_argument(
+        "--delta-dtype",
+        choices=("fp32", "bf16"),
+        help="precision of the recorded per-step updates (default fp32); bf16 halves them",
+    )
     train.add_argument("--split-seed", type=int, default=0, help="seed of the split assignment")
     train.add_argument("--device", help="cuda, cpu, cuda:1...; default: cuda when present")
     train.set_defaults(handler=_train)
 
-    forget = commands.add_parser("forget", help="unlearn samples now; records a candidate")
-    forget.add_argument("sample_ids", nargs="+", metavar="SAMPLE_ID")
+    forget = commands.add_parser(
+        "forget",
+        help="unlearn samples now, in this process; records a candidate version",
+        description="Runs one unlearning method on the samples against a version and records "
+        "the result as a candidate, without auditing, promoting or purging it (the HTTP API "
+        "and the scheduler do that). Prints the candidate and its test accuracy as JSON.",
+    )
+    forget.add_argument(
+        "sample_ids", nargs="+", metavar="SAMPLE_ID", help="training samples to forget"
+    )
     forget.add_argument(
         "--method",
         # Spelled out: importing worker.unlearning would load torch for every command.
@@ -63,7 +82,7 @@ def add_worker_commands(commands: "argparse._SubParsersAction[argparse.ArgumentP
             "retrain",
         ),
         default="amnesiac",
-        help="retrain is short for retrain-exact",
+        help="unlearning method (default amnesiac); retrain is short for retrain-exact",
     )
     forget.add_argument("--version", help="parent version; default: the serving one")
     forget.add_argument("--repair-steps", type=int, help="amnesiac+repair: fine-tune steps")
@@ -99,11 +118,13 @@ def _given(args: argparse.Namespace, options: dict[str, str]) -> dict[str, Any]:
 
 
 @contextmanager
-def _progress_bar(label: str) -> Iterator[Progress]:
-    from tqdm import tqdm
-
-    with tqdm(total=100, desc=label, unit="%") as bar:
-        yield lambda percent: bar.update(percent - bar.n)
+def _phase_bars(label: str) -> Iterator[Progress]:
+    """A bar per phase of the work, on stderr: stdout is for the JSON result."""
+    bars = PhaseBars(sys.stderr, indent="")
+    try:
+        yield within(bars, 0, 100, label) or bars
+    finally:
+        bars.close()
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -118,7 +139,7 @@ def _train(args: argparse.Namespace) -> None:
     raw = open_source(args.dataset, args.data_root, args.manifest)
     with session_scope(get_engine()) as session:
         ingest(session, store, raw, seed=args.split_seed)
-    with session_scope(get_engine()) as session, _progress_bar("train") as progress:
+    with session_scope(get_engine()) as session, _phase_bars("training") as progress:
         version = train_first_version(
             session, store, raw.name, args.arch, config, resolve_device(args.device), progress
         )
@@ -140,7 +161,7 @@ def _forget(args: argparse.Namespace) -> None:
 
     store = ArtifactStore(get_settings().resolved_store_url)
     device = resolve_device(args.device)
-    with session_scope(get_engine()) as session, _progress_bar(args.method) as progress:
+    with session_scope(get_engine()) as session, _phase_bars(args.method) as progress:
         unknown = missing_samples(session, args.sample_ids)
         if unknown:
             raise NotFound(f"unknown samples: {', '.join(unknown)}")

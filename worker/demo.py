@@ -3,13 +3,13 @@
 It starts the API (uvicorn, on a thread) over the embedded ledger and store, with the in-process
 job runner and scheduler (``embedded_services``), trains on the bundled digits through
 ``POST /train``, files deletion requests with ``POST /forget``, follows them to their
-certificates, prints where to look and keeps serving until Ctrl-C. With ``LETHE_BROKER_URL``
-set the jobs go to Redis instead, for ``celery worker`` and ``lethe scheduler`` processes.
+certificates (drawing each phase of their jobs as a bar), prints the ladder each deletion
+climbed, prints where to look and keeps serving until Ctrl-C. With ``LETHE_BROKER_URL`` set the
+jobs go to Redis instead, for ``celery worker`` and ``lethe scheduler`` processes.
 """
 
 import argparse
 import logging
-import secrets
 import signal
 import socket
 import sys
@@ -17,27 +17,31 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
+from datetime import datetime
+from itertools import groupby
 from typing import Any
 
 import httpx
 import uvicorn
-from pydantic import SecretStr
 from sqlalchemy import Engine
 
 from app.ledger import migrate
 from app.ledger.db import make_engine, session_scope
 from app.ledger.jobs import FINISHED_STATES
+from app.ledger.keys import SCOPES, replace_key
 from app.ledger.samples import sample_ids
 from app.ledger.tables import OPEN_REQUEST_STATES, JobState, RequestState, SampleState, Split
 from app.logging import configure_logging
 from app.main import create_app
 from app.settings import Settings, get_settings
+from worker.progress import PhaseBars, Step
 from worker.scheduler import embedded_services
 
 # Short waits so that the demo finishes promptly, unless the environment sets them.
 DEMO_TIMINGS = {"coalesce_window_seconds": 2.0, "scheduler_interval_seconds": 0.5}
-# What follow() reads from a polled body: its state, its job's progress, and whether it is over.
-Status = Callable[[dict[str, Any]], tuple[str, int, bool]]
+DEMO_KEY_NAME = "demo"
+# What follow() reads from a polled body: its state, its job (or None), and whether it is over.
+Status = Callable[[dict[str, Any]], tuple[str, dict[str, Any] | None, bool]]
 
 
 class DemoFailed(Exception):
@@ -46,7 +50,14 @@ class DemoFailed(Exception):
 
 def add_demo_command(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     demo = commands.add_parser(
-        "demo", help="train on digits, forget samples through the API, audit, promote, serve"
+        "demo",
+        help="train on digits, forget samples through the API, audit, promote, serve",
+        description="Runs the whole service in this process over the ledger and store under "
+        "LETHE_HOME: trains the small CNN on the bundled digits (unless a model serves "
+        "already), forgets a few training samples through the HTTP API, prints the ladder "
+        "each deletion climbed, then serves the API and the dashboard until Ctrl-C. Each run "
+        "prints a new API key and revokes the previous run's (LETHE_BOOTSTRAP_API_KEY: use "
+        "that key instead).",
     )
     demo.add_argument("--port", type=int, default=8000, help="port of the API on 127.0.0.1")
     demo.add_argument("--samples", type=int, default=3, help="training samples to forget")
@@ -56,14 +67,20 @@ def add_demo_command(commands: "argparse._SubParsersAction[argparse.ArgumentPars
 
 
 def demo_settings(base: Settings) -> Settings:
-    """The environment's settings, with the demo's short waits where the environment is silent,
-    and a bootstrap key (new, random) when none is set."""
-    updates: dict[str, Any] = {
+    """The environment's settings, with the demo's short waits where the environment is silent."""
+    updates = {
         name: value for name, value in DEMO_TIMINGS.items() if name not in base.model_fields_set
     }
-    if base.bootstrap_api_key is None:
-        updates["bootstrap_api_key"] = SecretStr(secrets.token_urlsafe(24))
     return base.model_copy(update=updates)
+
+
+def demo_key(settings: Settings, engine: Engine) -> str:
+    """LETHE_BOOTSTRAP_API_KEY when set; else a new key with every scope, which replaces (and
+    revokes) the key the previous run printed."""
+    if settings.bootstrap_api_key is not None:
+        return settings.bootstrap_api_key.get_secret_value()
+    with session_scope(engine) as session:
+        return replace_key(session, DEMO_KEY_NAME, SCOPES, actor="lethe demo")
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -74,11 +91,12 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _run(args: argparse.Namespace, settings: Settings) -> None:
+    started = time.monotonic()
     _check_port_free(args.port)
     migrate.upgrade(settings.resolved_database_url)
     engine = make_engine(settings.resolved_database_url, settings)
     base_url = f"http://127.0.0.1:{args.port}"
-    key = settings.bootstrap_api_key.get_secret_value() if settings.bootstrap_api_key else ""
+    key = demo_key(settings, engine)
     if settings.broker_url:
         print(
             f"jobs go to {settings.broker_url}: run `celery -A worker.celery_app:celery_app worker`"
@@ -91,14 +109,13 @@ def _run(args: argparse.Namespace, settings: Settings) -> None:
         httpx.Client(base_url=base_url, headers={"X-API-Key": key}, timeout=30) as client,
     ):
         requests = walk_through(client, engine, args.samples, args.timeout)
-        _finish(args, base_url, key, requests)
+        print_summary(client, base_url, key, requests)
+        print(f"\ndemo done in {_duration(time.monotonic() - started)}")
+        _finish(args, requests)
 
 
-def _finish(
-    args: argparse.Namespace, base_url: str, key: str, requests: list[dict[str, Any]]
-) -> None:
-    """Prints the summary; then fails, exits or serves until a signal."""
-    print_summary(base_url, key, requests)
+def _finish(args: argparse.Namespace, requests: list[dict[str, Any]]) -> None:
+    """Fails, exits or serves until a signal."""
     if any(r["state"] != RequestState.completed for r in requests):
         raise DemoFailed("a request did not complete (see its error above)")
     if not args.no_serve:
@@ -143,7 +160,8 @@ def walk_through(
     serving = _ok(client.get("/models/serving"))["version"]
     if serving is None:
         job = _ok(client.post("/train", json={"dataset": "digits"}))
-        print(f"training on digits (job {job['job']['id']}): small CNN, audit models")
+        number = job["job"]["id"]
+        print(f"training on digits (job {number}): the small CNN, then the audit's models")
         job = follow(client, job["links"]["self"], job_status, timeout)
         if job["job"]["state"] != JobState.succeeded:
             raise DemoFailed(f"training ended {job['job']['state']}: {job['job']['error']}")
@@ -162,35 +180,43 @@ def active_training_samples(engine: Engine, count: int) -> list[str]:
         return sample_ids(session, "digits", Split.train, SampleState.active)[:count]
 
 
-def job_status(body: dict[str, Any]) -> tuple[str, int, bool]:
-    job = body["job"]
-    return job["state"], job["progress"], job["state"] in FINISHED_STATES
+def job_status(body: dict[str, Any]) -> tuple[str, dict[str, Any] | None, bool]:
+    job: dict[str, Any] = body["job"]
+    return job["state"], job, job["state"] in FINISHED_STATES
 
 
-def request_status(body: dict[str, Any]) -> tuple[str, int, bool]:
-    state, job = body["state"], body["job"]
+def request_status(body: dict[str, Any]) -> tuple[str, dict[str, Any] | None, bool]:
+    state = body["state"]
     # The certificate is written by the purge, which follows the completion's commit.
     done = state not in OPEN_REQUEST_STATES and (
         state != RequestState.completed or body["certificate"] is not None
     )
-    return state, job["progress"] if job else 0, done
+    return state, body["job"], done
 
 
 def follow(client: httpx.Client, path: str, status: Status, timeout: float) -> dict[str, Any]:
-    """Polls ``path`` until ``status`` says it is over, printing progress as it changes."""
+    """Polls ``path`` until ``status`` says it is over, printing each state it passes through
+    and drawing each phase of its job as a bar."""
     deadline = time.monotonic() + timeout
+    bars = PhaseBars()
     shown = ""
-    while True:
-        body = _ok(client.get(path))
-        state, progress, done = status(body)
-        if f"{state} {progress}%" != shown:
-            shown = f"{state} {progress}%"
-            print(f"  {path}: {shown}", flush=True)
-        if done:
-            return body
-        if time.monotonic() > deadline:
-            raise DemoFailed(f"{path} still {state} after {timeout:.0f}s")
-        time.sleep(0.5)
+    try:
+        while True:
+            body = _ok(client.get(path))
+            state, job, done = status(body)
+            if state != shown:
+                bars.close()
+                shown = state
+                print(f"  {path}: {state}" + (f" (job {job['id']})" if job else ""), flush=True)
+            if job and job["state"] == JobState.running and job.get("progress_detail"):
+                bars.show(Step.from_dict(job["progress_detail"]))
+            if done:
+                return body
+            if time.monotonic() > deadline:
+                raise DemoFailed(f"{path} still {state} after {timeout:.0f}s")
+            time.sleep(0.5)
+    finally:
+        bars.close()
 
 
 def _ok(response: httpx.Response) -> dict[str, Any]:
@@ -200,20 +226,68 @@ def _ok(response: httpx.Response) -> dict[str, Any]:
     return body
 
 
-def print_summary(base_url: str, key: str, requests: list[dict[str, Any]]) -> None:
-    print("\nrequests:")
-    for r in requests:
-        outcome = r["completed_in_version"] or r["error"]
-        method = (r["certificate"] or {}).get("method") or ""
-        print(f"  {r['sample_id']}: {r['state']} {method} {outcome or ''}".rstrip())
-        print(f"    {base_url}{r['links']['self']}")
-        if "certificate" in r["links"]:
-            print(f"    certificate: {base_url}{r['links']['certificate']}")
-    for audit in sorted({r["links"]["audit"] for r in requests if "audit" in r["links"]}):
-        print(f"audit report: {base_url}{audit}")
-    print(f"dashboard:    {base_url}/dashboard (paste the API key)")
+def print_summary(
+    client: httpx.Client, base_url: str, key: str, requests: list[dict[str, Any]]
+) -> None:
+    """Per version that completed requests: the ladder its job climbed (each candidate, its
+    audit's decision and the reason of every rule it failed), test accuracy before and after,
+    and the time from the first request to the last completion; then failed requests."""
+    for version, group in groupby(sorted(requests, key=_version_of), key=_version_of):
+        done = list(group)
+        if version:
+            print_deletion(client, base_url, version, done)
+        else:
+            for r in done:
+                print(f"\n{r['sample_id']}: {r['state']}: {r['error']}")
+    print(f"\ndashboard:    {base_url}/dashboard (enter the API key once)")
     print(f"API key:      {key}")
     print(f'  curl -H "X-API-Key: {key}" {base_url}/models/serving')
+
+
+def _version_of(request: dict[str, Any]) -> str:
+    return request["completed_in_version"] or ""
+
+
+def print_deletion(
+    client: httpx.Client, base_url: str, version: str, requests: list[dict[str, Any]]
+) -> None:
+    received = min(_when(r["received_at"]) for r in requests)
+    completed = max(_when(r["completed_at"]) for r in requests)
+    detail = _ok(client.get(f"/models/{version}"))
+    samples = ", ".join(r["sample_id"] for r in requests)
+    print(f"\n{samples}: forgotten in {version} by {detail['method']}")
+    print(f"  time from request to completion: {_duration((completed - received).total_seconds())}")
+    ladder = detail["details"].get("ladder", [])
+    names = dict.fromkeys([*(rung["version"] for rung in ladder), version])
+    audits = {name: _ok(client.get(f"/audit/{name}")) for name in names}
+    print("  ladder:")
+    for rung in ladder:
+        audit = audits[rung["version"]]
+        decision = audit.get("decision") or audit["state"]
+        print(f"    {rung['version']:<5} {rung['method']:<16} {decision}")
+        for reason in audit.get("reasons", []):
+            if isinstance(reason, dict) and not reason.get("passed", True):
+                print(f"      failed {reason.get('rule')}: {reason.get('reason')}")
+    test = audits[version].get("metrics", {}).get("utility", {}).get("test", {})
+    if test.get("parent") is not None and test.get("candidate") is not None:
+        print(
+            f"  test accuracy: {100 * test['parent']:.1f}% before ({detail['parent']}), "
+            f"{100 * test['candidate']:.1f}% after ({version})"
+        )
+    for r in requests:
+        print(f"  {r['sample_id']}: {base_url}{r['links']['self']}")
+        if "certificate" in r["links"]:
+            print(f"    certificate: {base_url}{r['links']['certificate']}")
+    print(f"  audit report: {base_url}/audit/{version}")
+
+
+def _when(iso: str) -> datetime:
+    return datetime.fromisoformat(iso)
+
+
+def _duration(seconds: float) -> str:
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest} s" if minutes else f"{rest} s"
 
 
 def wait_for_signal() -> None:

@@ -40,10 +40,9 @@ from worker.audit import GatePolicy, run_audit
 from worker.audit.gate import AuditDecision
 from worker.devices import resolve_device
 from worker.erasure import purge_and_certify
+from worker.progress import Progress, within
 from worker.store import ArtifactStore, IntegrityError
-from worker.training import Progress
 from worker.unlearning import LADDER, MethodOptions, plan, unlearn
-from worker.unlearning.common import within
 
 
 class LadderExhausted(Exception):
@@ -129,7 +128,12 @@ def forget(
     rungs = [m for m in LADDER[LADDER.index(first) :] if m not in done and m not in planned.blocked]
     device = resolve_device()
     for number, method in enumerate(rungs):
-        span = within(progress, 100 * number // len(rungs), 100 * (number + 1) // len(rungs))
+        span = within(
+            progress,
+            100 * number // len(rungs),
+            100 * (number + 1) // len(rungs),
+            f"{method} (rung {LADDER.index(method) + 1} of {len(LADDER)})",
+        )
         try:
             candidate, rung = _try_rung(
                 session, store, job, parent, forget_ids, method, device, span
@@ -211,7 +215,7 @@ def _try_rung(
         method,
         device,
         MethodOptions(),
-        within(progress, 0, 50),
+        within(progress, 0, 50, "unlearning"),
     )
     candidate.job_id = job.id
     transition_version(session, candidate, {VersionState.candidate}, VersionState.auditing)
@@ -223,7 +227,7 @@ def _try_rung(
         forget_ids,
         device,
         GatePolicy(),
-        within(progress, 50, 100),
+        within(progress, 50, 100, "audit"),
         job_id=job.id,
     )
     if not audit.passed:

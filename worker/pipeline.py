@@ -10,10 +10,12 @@ from collections.abc import Callable
 
 from sqlalchemy.orm import Session
 
+from app.ledger.errors import StateConflict
+from app.ledger.events import record_event
 from app.ledger.tables import Job, JobKind
 from app.settings import Settings
+from worker.progress import Progress, Step, within
 
-Progress = Callable[[int], None]
 Handler = Callable[[Session, Job, Progress, Settings], str | None]
 
 
@@ -25,7 +27,7 @@ def run_job(session: Session, job: Job, progress: Progress, *, settings: Setting
     """Runs the job's handler in the caller's transaction; returns the method it used."""
     fault = job.params.get("test_fault")
     if fault is not None and settings.allow_test_faults:
-        return _inject_fault(fault, progress)
+        return _inject_fault(session, job, fault, progress)
     handler = HANDLERS.get(job.kind)
     if handler is None:
         raise JobFailed(f"no handler for {job.kind.value} jobs: audits run inside unlearn jobs")
@@ -40,10 +42,10 @@ def _train(session: Session, job: Job, progress: Progress, settings: Settings) -
     from worker.devices import resolve_device
     from worker.store import ArtifactStore
     from worker.training import TrainConfig, train_first_version
-    from worker.unlearning.common import within
 
     params = job.params
     store = ArtifactStore(settings.resolved_store_url)
+    progress(0, Step("loading the data set"))
     try:
         raw = open_source(params.get("dataset", "digits"))
     except SourceUnavailable as error:
@@ -67,11 +69,14 @@ def _train(session: Session, job: Job, progress: Progress, settings: Settings) -
         architecture,
         config,
         device,
-        within(progress, 0, 60 if prepare else 100),
+        within(progress, 0, 20 if prepare else 100, "training"),
     )
     version.job_id = job.id
     if prepare:  # the reference models, then the trained version's own (baseline) audit
-        prepare_audits(session, store, version, device, progress=within(progress, 60, 95))
+        prepare_audits(
+            session, store, version, device, progress=within(progress, 20, 95, "audit models")
+        )
+        progress(95, Step("baseline audit"))
         run_baseline_audit(session, store, version, device, job_id=job.id)
     return "train"
 
@@ -91,15 +96,19 @@ HANDLERS: dict[JobKind, Handler] = {
 }
 
 
-def _inject_fault(fault: dict[str, object], progress: Progress) -> str:
-    """Failure tests only (``LETHE_ALLOW_TEST_FAULTS``): a job that is slow, raises, fails or kills
-    its process, deterministically, in place of its real handler."""
+def _inject_fault(session: Session, job: Job, fault: dict[str, object], progress: Progress) -> str:
+    """Failure tests only (``LETHE_ALLOW_TEST_FAULTS``): a job that is slow, raises, fails, meets
+    a conflict in the ledger or kills its process, deterministically, in place of its real
+    handler."""
     mode = fault.get("mode")
     if mode == "sleep":
-        _sleep_reporting(float(str(fault.get("seconds", 1.0))), progress)
+        holding = session if fault.get("hold_ledger") else None
+        _sleep_reporting(float(str(fault.get("seconds", 1.0))), progress, holding, job.id)
         return "test-sleep"
     if mode == "raise":
         raise RuntimeError("test fault: raise")
+    if mode == "conflict":
+        raise StateConflict("test fault: a row changed under the job")
     if mode == "fail":
         raise JobFailed("test fault: fail")
     if mode == "crash":
@@ -107,8 +116,17 @@ def _inject_fault(fault: dict[str, object], progress: Progress) -> str:
     raise JobFailed(f"unknown test fault {fault!r}")
 
 
-def _sleep_reporting(seconds: float, progress: Progress) -> None:
+def _sleep_reporting(
+    seconds: float, progress: Progress, holding: Session | None = None, job_id: int = 0
+) -> None:
+    """``holding``: a session that writes before each half of the sleep and commits between
+    them, so that it holds the ledger (SQLite's only write lock) as a real job does: an unlearn
+    job through each rung, with a commit between rungs."""
     ticks = 10
     for tick in range(1, ticks + 1):
+        if holding is not None and tick in (1, ticks // 2 + 1):
+            holding.commit()
+            record_event(holding, actor=f"job:{job_id}", action="jobs.test", target="hold")
+            holding.flush()
         time.sleep(seconds / ticks)
-        progress(tick * 100 // ticks)
+        progress(tick * 100 // ticks, Step("sleeping", tick, ticks, "ticks"))

@@ -18,8 +18,8 @@ from types import FrameType
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from app.dispatch import enqueue_job, in_process_runner
-from app.ledger.db import get_engine, session_scope
+from app.dispatch import enqueue_job, in_process_runner, running_here
+from app.ledger.db import get_engine, held_by_another_writer, session_scope
 from app.ledger.errors import LedgerError
 from app.ledger.jobs import coalesce_pending_requests, sweep_stale_jobs
 from app.logging import configure_logging
@@ -46,7 +46,11 @@ def tick(settings: Settings, engine: Engine) -> Tick:
         )
         coalesced = job.id if job is not None else None
     with session_scope(engine) as session:
-        sweep = sweep_stale_jobs(session, requeue_after_seconds=settings.requeue_after_seconds)
+        sweep = sweep_stale_jobs(
+            session,
+            requeue_after_seconds=settings.requeue_after_seconds,
+            running_here=running_here.attempts(),
+        )
     for job_id in [coalesced, *sweep.resend]:
         if job_id is not None:
             enqueue_job(job_id, settings)
@@ -58,7 +62,12 @@ def run_scheduler(settings: Settings, engine: Engine, stop: threading.Event) -> 
     while not stop.is_set():
         try:
             done = tick(settings, engine)
-        except (SQLAlchemyError, LedgerError):  # database down, or a row changed under it
+        except SQLAlchemyError as error:
+            if held_by_another_writer(error):  # embedded mode: a job's transaction holds SQLite
+                log.info("scheduler tick waits for a running job's commit; the next tick retries")
+            else:  # the database is down
+                log.exception("scheduler tick failed; the next tick retries")
+        except LedgerError:  # a row changed under it
             log.exception("scheduler tick failed; the next tick retries")
         else:
             if done.coalesced or done.resent or done.dead:
@@ -89,7 +98,12 @@ def embedded_services(settings: Settings, engine: Engine) -> Iterator[None]:
 
 def add_scheduler_command(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     scheduler = commands.add_parser(
-        "scheduler", help="coalesce deletion requests into jobs and re-send stale jobs"
+        "scheduler",
+        help="coalesce deletion requests into jobs and re-send stale jobs",
+        description="Every LETHE_SCHEDULER_INTERVAL_SECONDS: batches the pending deletion "
+        "requests of a window (LETHE_COALESCE_WINDOW_SECONDS) into one unlearn job, sends it "
+        "to the broker (LETHE_BROKER_URL), and re-sends the jobs that were lost or never taken. "
+        "Runs until SIGTERM or Ctrl-C; several may run at once.",
     )
     scheduler.set_defaults(handler=_scheduler_command)
 

@@ -17,8 +17,8 @@ from celery.worker.request import Request
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from app.dispatch import RUN_JOB_TASK, enqueue_job
-from app.ledger.db import get_engine, session_scope
+from app.dispatch import RUN_JOB_TASK, enqueue_job, running_here
+from app.ledger.db import get_engine, held_by_another_writer, session_scope
 from app.ledger.errors import StateConflict
 from app.ledger.jobs import (
     FINISHED_STATES,
@@ -28,6 +28,7 @@ from app.ledger.jobs import (
     fail_job,
     get_job,
     heartbeat,
+    holds,
     next_queued_in_lineage,
     release_lease,
     succeed_job,
@@ -37,6 +38,7 @@ from app.log_context import TASK_REQUEST_ID, task_log_context
 from app.settings import Settings, get_settings
 from worker.celery_app import celery_app
 from worker.pipeline import JobFailed, run_job
+from worker.progress import Pace, Step
 
 log = logging.getLogger(__name__)
 # How a job's pool process ends without recording anything (SystemExit: billiard reports the
@@ -49,9 +51,13 @@ class LeaseLost(Exception):
 
 
 class Heartbeat:
-    """Renews the attempt's lease on a thread and writes the progress the handler reports.
+    """Renews the attempt's lease on a thread and writes the progress the handler reports (the
+    percentage and the phase, with the phase's time left).
 
-    Only this thread writes, so a handler never waits on the database to report progress.
+    Only this thread writes, so a handler never waits on the database to report progress. The
+    attempt is also registered in ``running_here`` while it runs: in embedded mode the job's
+    own SQLite transaction holds off these writes until it commits, and the scheduler and the
+    API of this process learn from there that it is alive and what it is doing.
     """
 
     def __init__(self, engine: Engine, job_id: int, attempt: int, settings: Settings) -> None:
@@ -59,13 +65,15 @@ class Heartbeat:
         self._job_id = job_id
         self._attempt = attempt
         self._settings = settings
-        self._progress: int | None = None
+        self._latest: tuple[int | None, dict[str, Any] | None] = (None, None)
+        self._pace = Pace()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self.lost = threading.Event()
         self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{job_id}", daemon=True)
 
     def __enter__(self) -> "Heartbeat":
+        running_here.start(self._job_id, self._attempt)
         self._thread.start()
         return self
 
@@ -73,11 +81,14 @@ class Heartbeat:
         self._stop.set()
         self._wake.set()
         self._thread.join()
+        running_here.end(self._job_id)
 
-    def progress(self, percent: int) -> None:
+    def progress(self, percent: int, step: Step | None = None, /) -> None:
         if self.lost.is_set():
             raise LeaseLost(f"job {self._job_id} attempt {self._attempt} lost its lease")
-        self._progress = percent
+        detail = self._pace.detail(step) if step is not None and step.said else self._latest[1]
+        self._latest = (percent, detail)
+        running_here.report(self._job_id, percent, detail)
         self._wake.set()
 
     def _beat(self) -> None:
@@ -86,6 +97,7 @@ class Heartbeat:
             self._wake.clear()
             if self._stop.is_set():
                 return
+            progress, detail = self._latest
             try:
                 with session_scope(self._engine) as session:
                     held = heartbeat(
@@ -93,10 +105,11 @@ class Heartbeat:
                         self._job_id,
                         self._attempt,
                         lease_seconds=self._settings.lease_seconds,
-                        progress=self._progress,
+                        progress=progress,
+                        detail=detail,
                     )
             except SQLAlchemyError as error:
-                if _locked_by_the_job(error):
+                if held_by_another_writer(error):
                     log.debug("heartbeat of job %s waits for the job's commit", self._job_id)
                 else:
                     log.warning("heartbeat of job %s failed; retrying", self._job_id, exc_info=True)
@@ -104,12 +117,6 @@ class Heartbeat:
             if not held:
                 self.lost.set()
                 return
-
-
-def _locked_by_the_job(error: SQLAlchemyError) -> bool:
-    """SQLite (the embedded ledger) has one writer: the job's own transaction holds the lock
-    until it commits, and its progress and lease are written then. Not a failure to report."""
-    return "database is locked" in str(getattr(error, "orig", ""))
 
 
 def execute_job(
@@ -139,13 +146,27 @@ def _run_claimed(engine: Engine, job_id: int, attempt: int, settings: Settings) 
                 method = run_job(session, job, beat.progress, settings=settings)
                 succeed_job(session, job_id, attempt, method=method)
             return JobState.succeeded
-        except (LeaseLost, StateConflict):
-            log.warning("job %s attempt %s lost its lease; its outcome is dropped", job_id, attempt)
-            return JobState.running  # by the attempt that replaced this one
+        except LeaseLost:
+            return _lease_lost(job_id, attempt)
+        except StateConflict as error:
+            if not _still_holds(engine, job_id, attempt):
+                return _lease_lost(job_id, attempt)  # the attempt that replaced it moved on
+            # A real conflict: the ledger changed under the job (e.g. an operator's override).
+            return _record_failure(engine, job_id, attempt, error, settings, retryable=True)
         except (JobFailed, NotImplementedError) as error:
             return _record_failure(engine, job_id, attempt, error, settings, retryable=False)
         except Exception as error:  # any crash of the handler costs one attempt
             return _record_failure(engine, job_id, attempt, error, settings, retryable=True)
+
+
+def _lease_lost(job_id: int, attempt: int) -> JobState:
+    log.warning("job %s attempt %s lost its lease; its outcome is dropped", job_id, attempt)
+    return JobState.running  # by the attempt that replaced this one
+
+
+def _still_holds(engine: Engine, job_id: int, attempt: int) -> bool:
+    with session_scope(engine) as session:
+        return holds(session, job_id, attempt)
 
 
 def _hand_over_lineage(engine: Engine, job_id: int, settings: Settings) -> None:
@@ -166,11 +187,14 @@ def _record_failure(
 ) -> JobState:
     message = "".join(traceback.format_exception_only(error)).strip()
     log.error("job %s attempt %s failed: %s", job_id, attempt, message, exc_info=error)
-    with session_scope(engine) as session:
-        if not retryable:
-            fail_job(session, job_id, attempt, message)
-            return JobState.failed
-        state = fail_attempt(session, job_id, attempt, message)
+    try:
+        with session_scope(engine) as session:
+            if not retryable:
+                fail_job(session, job_id, attempt, message)
+                return JobState.failed
+            state = fail_attempt(session, job_id, attempt, message)
+    except StateConflict:  # the lease ran out meanwhile: the next attempt owns the job
+        return _lease_lost(job_id, attempt)
     if state is JobState.queued:
         enqueue_job(job_id, settings)  # after commit, as always
     return state

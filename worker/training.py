@@ -23,9 +23,9 @@ from app.ledger.tables import ModelVersion, Split, VersionState
 from app.ledger.versions import alias_target, create_version, promote
 from worker.data import SampleSet, load_split
 from worker.nets import ModelSpec, build_model, tracked_entries
+from worker.progress import Progress, Step
 from worker.store import ArtifactStore, Layout, host_view, safetensors_header
 
-Progress = Callable[[int], None]
 DELTA_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -75,16 +75,18 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
 
 
 class ProgressReporter:
-    """Calls back with a whole percentage, only when it changes."""
+    """Calls back with a whole percentage and the count of ``unit`` done, only when the
+    percentage changes."""
 
-    def __init__(self, callback: Progress | None, total: int) -> None:
+    def __init__(self, callback: Progress | None, total: int, unit: str = "steps") -> None:
         self.callback, self.total, self.last = callback, max(total, 1), -1
+        self.unit = unit
 
     def update(self, done: int) -> None:
         percent = min(100, done * 100 // self.total)
         if self.callback is not None and percent != self.last:
             self.last = percent
-            self.callback(percent)
+            self.callback(percent, Step(done=done, total=self.total, unit=self.unit))
 
 
 class DeltaTracker:

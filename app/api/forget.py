@@ -30,6 +30,7 @@ from app.api.deps import (
     statement_pool,
 )
 from app.api.errors import PROBLEM_RESPONSES, Problem
+from app.api.jobs import job_summary
 from app.artifacts import ObjectStore
 from app.certificates import certificate_key
 from app.ledger import idempotency
@@ -51,7 +52,6 @@ from app.schemas import (
     ForgetManyBody,
     ForgetManyOut,
     ForgetRequestOut,
-    JobSummary,
     RequestPage,
     VerificationOut,
 )
@@ -115,7 +115,7 @@ def request_out(view: RequestView, now: datetime) -> ForgetRequestOut:
         updated_at=view.updated_at,
         completed_at=view.completed_at,
         overdue=view.state in OPEN_REQUEST_STATES and view.deadline < now,
-        job=JobSummary.model_validate(job, from_attributes=True) if job else None,
+        job=job_summary(job) if job else None,
         completed_in_version=view.completed_in_version,
         error=view.error,
         certificate=view.certificate,

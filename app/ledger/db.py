@@ -109,6 +109,12 @@ def open_session(engine: Engine | None = None) -> Session:
     return _session_factory(engine or get_engine())()
 
 
+def held_by_another_writer(error: BaseException) -> bool:
+    """SQLite has one writer at a time: another connection's transaction (in embedded mode, a
+    running job's, which commits when the job does) held the lock past the busy timeout."""
+    return "database is locked" in str(getattr(error, "orig", ""))
+
+
 def affected_rows(result: Result[Any]) -> int:
     """Rows an UPDATE or DELETE touched: the count a compare-and-set checks."""
     return cast(CursorResult[Any], result).rowcount

@@ -7,6 +7,7 @@ claimed, so a holder that lost its lease cannot overwrite the attempt that repla
 """
 
 import enum
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -150,6 +151,7 @@ def claim_job(session: Session, job_id: int, *, lease_seconds: float) -> Claim:
         heartbeat_at=now,
         lease_until=now + timedelta(seconds=lease_seconds),
         progress=0,
+        progress_detail=None,
     )
     job = get_job(session, job_id)
     if claimed:
@@ -175,8 +177,10 @@ def heartbeat(
     *,
     lease_seconds: float,
     progress: int | None = None,
+    detail: dict[str, Any] | None = None,
 ) -> bool:
-    """Renews the lease (and records progress 0-100); False when this attempt no longer holds it."""
+    """Renews the lease (and records progress 0-100 with what the job is doing); False when
+    this attempt no longer holds it."""
     now = utcnow()
     values: dict[str, Any] = {
         "heartbeat_at": now,
@@ -184,7 +188,15 @@ def heartbeat(
     }
     if progress is not None:
         values["progress"] = max(0, min(100, progress))
+    if detail is not None:
+        values["progress_detail"] = detail
     return _cas(session, job_id, _held_by(attempt), **values)
+
+
+def holds(session: Session, job_id: int, attempt: int) -> bool:
+    """Whether ``attempt`` still holds the job: it runs, and no later attempt claimed it."""
+    held = select(Job.id).where(Job.id == job_id, _held_by(attempt))
+    return session.scalar(held) is not None
 
 
 def succeed_job(session: Session, job_id: int, attempt: int, *, method: str | None = None) -> None:
@@ -216,6 +228,7 @@ def fail_attempt(session: Session, job_id: int, attempt: int, error: str) -> Job
         state=JobState.queued,
         error=error,
         lease_until=None,
+        progress_detail=None,
         enqueued_at=utcnow(),
     )
     if not requeued:
@@ -238,14 +251,24 @@ def next_queued_in_lineage(session: Session, job_id: int) -> int | None:
     return session.scalar(waiting.order_by(Job.id).limit(1))
 
 
-def sweep_stale_jobs(session: Session, *, requeue_after_seconds: float) -> Sweep:
+def sweep_stale_jobs(
+    session: Session,
+    *,
+    requeue_after_seconds: float,
+    running_here: Collection[tuple[int, int]] = (),
+) -> Sweep:
     """Lost attempts (lease expired) go back to queued, or dead without attempts left; queued jobs
-    that no worker took within ``requeue_after_seconds`` are due to be sent again."""
+    that no worker took within ``requeue_after_seconds`` are due to be sent again.
+
+    ``running_here``: (job, attempt) pairs that run in the caller's own process (embedded mode),
+    alive whatever their lease says: their heartbeat may wait on the job's own SQLite lock."""
     now = utcnow()
     resend: list[int] = []
     dead: list[int] = []
     expired = (Job.state == JobState.running) & (Job.lease_until < now)
     for job in _lock_rows(session, expired):
+        if (job.id, job.attempts) in running_here:
+            continue
         error = f"attempt {job.attempts} lost: lease expired"
         if _bury(session, job, error, expired, Job.attempts >= Job.max_attempts):
             dead.append(job.id)
@@ -256,6 +279,7 @@ def sweep_stale_jobs(session: Session, *, requeue_after_seconds: float) -> Sweep
             state=JobState.queued,
             error=error,
             lease_until=None,
+            progress_detail=None,
             enqueued_at=now,
         ):
             resend.append(job.id)
@@ -318,7 +342,7 @@ def coalesce_pending_requests(
 
 
 def _terminal(state: JobState) -> dict[str, Any]:
-    return {"state": state, "finished_at": utcnow(), "lease_until": None}
+    return {"state": state, "finished_at": utcnow(), "lease_until": None, "progress_detail": None}
 
 
 def _bury(session: Session, job: Job, error: str, *conditions: ColumnElement[bool]) -> bool:

@@ -35,6 +35,15 @@ def create_key(session: Session, name: str, scopes: Sequence[str], *, actor: str
     return key
 
 
+def replace_key(session: Session, name: str, scopes: Sequence[str], *, actor: str) -> str:
+    """Revokes every active key of this name and creates its successor: each ``lethe demo``
+    run's key replaces the last run's, so that keys with every scope do not pile up."""
+    active = select(ApiKey.id).where(ApiKey.name == name, ApiKey.revoked_at.is_(None))
+    for key_id in session.scalars(active).all():
+        revoke_key(session, key_id, actor=actor)
+    return create_key(session, name, scopes, actor=actor)
+
+
 def register_key(
     session: Session, name: str, key: str, scopes: Sequence[str], *, actor: str
 ) -> ApiKey:

@@ -42,6 +42,7 @@ class JobView:
     attempts: int
     method: str | None
     error: str | None
+    progress_detail: dict[str, Any] | None = None  # (POST /forget's one statement reads none)
 
     @classmethod
     def of(cls, job: Job) -> "JobView":
@@ -53,6 +54,7 @@ class JobView:
             job.attempts,
             job.method,
             job.error,
+            job.progress_detail,
         )
 
 

@@ -242,6 +242,9 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
     progress: Mapped[int] = mapped_column(Integer, default=0)
+    # The phase a running job is in and the phase's count: {"phase", "done", "total", "unit",
+    # "left_seconds"}; null when it has not said, or once it has finished.
+    progress_detail: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     method: Mapped[str | None] = mapped_column(String(32))
     error: Mapped[str | None] = mapped_column(Text)
     # Objects whose bytes no longer matched their recorded sha256: key, digests, the rung hit.

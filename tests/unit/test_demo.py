@@ -1,30 +1,23 @@
 """``lethe demo``: the README's first command, run as a user runs it."""
 
-import os
 import re
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
+import httpx
 import pytest
-from sqlalchemy import select
+from pydantic import SecretStr
+from sqlalchemy import Engine, select
 
 from app.ledger.db import make_engine, open_session
-from app.ledger.tables import DeletionRequest, RequestState
+from app.ledger.keys import KEY_PREFIX, find_active_key
+from app.ledger.tables import ApiKey, DeletionRequest, RequestState
 from app.ledger.versions import alias_target
 from app.settings import Settings
-from tests.integration.servers import PROJECT_ROOT, free_port
-from worker.demo import demo_settings, request_status
-
-
-def lethe(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LETHE_")}
-    env |= {"LETHE_HOME": str(home), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "worker.cli", *args]
-    return subprocess.run(
-        command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600
-    )
+from tests.conftest import DemoRun
+from tests.integration.servers import free_port
+from tests.lethe_cli import lethe
+from worker.demo import DEMO_KEY_NAME, demo_key, demo_settings, print_summary, request_status
 
 
 def test_demo_settings_keep_what_the_environment_sets(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -32,14 +25,78 @@ def test_demo_settings_keep_what_the_environment_sets(monkeypatch: pytest.Monkey
     settings = demo_settings(Settings())
     assert settings.coalesce_window_seconds == 30  # the environment's
     assert settings.scheduler_interval_seconds == 0.5  # the demo's
-    assert settings.bootstrap_api_key is not None  # a new key, since none is set
+
+
+def test_each_run_revokes_the_key_the_last_run_printed(engine: Engine) -> None:
+    first, second = demo_key(Settings(), engine), demo_key(Settings(), engine)
+    assert first.startswith(KEY_PREFIX) and second.startswith(KEY_PREFIX)  # as the README shows
+    with open_session(engine) as session:
+        assert find_active_key(session, first) is None
+        assert find_active_key(session, second) is not None
+        assert len(session.scalars(select(ApiKey).where(ApiKey.name == DEMO_KEY_NAME)).all()) == 2
+
+
+def test_a_bootstrap_key_is_used_as_it_is(engine: Engine) -> None:
+    chosen = Settings(bootstrap_api_key=SecretStr("lethe_chosen-by-the-operator"))
+    assert demo_key(chosen, engine) == "lethe_chosen-by-the-operator"
+    with open_session(engine) as session:
+        assert not session.scalars(select(ApiKey)).all()  # registered by the API at start-up
+
+
+def test_the_summary_shows_the_ladder_each_failed_rule_and_the_accuracy(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Whatever rules the audit has: their names and reasons are the API's data."""
+    ladder = [
+        {"method": "amnesiac", "version": "v2", "decision": "fail", "failed_rules": ["new_rule"]},
+        {"method": "amnesiac+repair", "version": "v3", "decision": "pass", "failed_rules": []},
+    ]
+    answers = {
+        "/models/v3": {"method": "amnesiac+repair", "parent": "v1", "details": {"ladder": ladder}},
+        "/audit/v2": {
+            "state": "done",
+            "decision": "fail",
+            "reasons": [
+                {"rule": "new_rule", "passed": False, "reason": "a reason of the new rule"},
+                {"rule": "old_rule", "passed": True, "reason": "held"},
+            ],
+        },
+        "/audit/v3": {
+            "state": "done",
+            "decision": "pass",
+            "reasons": [{"rule": "new_rule", "passed": True, "reason": "held"}],
+            "metrics": {"utility": {"test": {"parent": 0.9712, "candidate": 0.9651}}},
+        },
+    }
+    transport = httpx.MockTransport(
+        lambda request: httpx.Response(200, json=answers[request.url.path])
+    )
+    request = {
+        "sample_id": "digits-0002",
+        "state": "completed",
+        "completed_in_version": "v3",
+        "received_at": "2026-12-02T10:00:00+00:00",
+        "completed_at": "2026-12-02T10:01:05+00:00",
+        "links": {"self": "/forget/requests/r1", "certificate": "/forget/requests/r1/certificate"},
+    }
+    with httpx.Client(transport=transport, base_url="http://lethe") as client:
+        print_summary(client, "http://lethe", "lethe_key", [request])
+    out = capsys.readouterr().out
+    assert "digits-0002: forgotten in v3 by amnesiac+repair\n" in out
+    assert "  time from request to completion: 1 min 5 s\n" in out
+    assert re.search(
+        r"    v2 +amnesiac +fail\n      failed new_rule: a reason of the new rule\n", out
+    )
+    assert re.search(r"    v3 +amnesiac\+repair +pass\n", out) and "old_rule" not in out
+    assert "  test accuracy: 97.1% before (v1), 96.5% after (v3)\n" in out
+    assert "certificate: http://lethe/forget/requests/r1/certificate" in out
 
 
 def test_a_completed_request_is_followed_until_it_has_its_certificate() -> None:
     pending = {"state": "pending", "job": None, "certificate": None}
     completed = {"state": "completed", "job": {"progress": 100}, "certificate": None}
-    assert request_status(pending) == ("pending", 0, False)
-    assert request_status(completed) == ("completed", 100, False)  # the purge has yet to certify
+    assert request_status(pending) == ("pending", None, False)
+    assert request_status(completed) == ("completed", {"progress": 100}, False)  # uncertified
     assert request_status(completed | {"certificate": {"method": "relabel"}})[2]
     assert request_status(pending | {"state": "failed"})[2]
 
@@ -55,17 +112,35 @@ def test_a_taken_port_is_refused_with_a_clear_message(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_the_demo_trains_forgets_and_certifies_through_the_api(tmp_path: Path) -> None:
-    result = lethe(tmp_path, "demo", "--no-serve", "--port", str(free_port()))
+def test_the_demo_trains_forgets_and_certifies_through_the_api(demo_run: DemoRun) -> None:
+    result = demo_run.result
     assert result.returncode == 0, result.stdout + result.stderr
-    assert len(re.findall(r"^  digits-\d+: completed", result.stdout, re.MULTILINE)) == 3
-    assert "/certificate" in result.stdout and "/audit/v2" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+    out = result.stdout
+    # Each phase of the jobs, with its count (one line each: the output is not a terminal).
+    assert re.search(r"^  training \(\d+ steps\)$", out, re.MULTILINE)
+    assert "  audit models: reference models (8 models)\n" in out
+    assert re.search(r"^  [a-z+-]+ \(rung \d of 4\): audit: membership attacks$", out, re.MULTILINE)
+    # The summary: the samples, the ladder with each candidate's decision, accuracy, time.
+    summary = re.search(r"^(digits-\d+(?:, digits-\d+)*): forgotten in (v\d+) by (\S+)$", out, re.M)
+    assert summary is not None and len(summary.group(1).split(", ")) == 3
+    version, method = summary.group(2), summary.group(3)
+    rungs = re.findall(r"^    (v\d+) +(\S+) +(pass|fail)$", out, re.MULTILINE)
+    assert rungs and rungs[-1] == (version, method, "pass")
+    assert all(decision == "fail" for _, _, decision in rungs[:-1])
+    assert len(re.findall(r"^      failed \w+: .+$", out, re.MULTILINE)) >= len(rungs) - 1
+    assert re.search(rf"test accuracy: \d+\.\d% before \(v1\), \d+\.\d% after \({version}\)", out)
+    assert re.search(r"^  time from request to completion: (\d+ min )?\d+ s$", out, re.MULTILINE)
+    assert out.count("/certificate") == 3 and f"/audit/{version}" in out
+    key = re.search(r"^API key: +(\S+)$", out, re.MULTILINE)
+    assert key is not None and key.group(1).startswith(KEY_PREFIX)
 
-    engine = make_engine(Settings(home=tmp_path).resolved_database_url)
+    engine = make_engine(Settings(home=demo_run.home).resolved_database_url)
     with open_session(engine) as session:
         requests = session.scalars(select(DeletionRequest)).all()
         assert [r.state for r in requests] == [RequestState.completed] * 3
         assert all(r.certificate is not None for r in requests)
         serving = alias_target(session)
-        assert serving is not None and serving.method != "train"
+        assert serving is not None and (serving.version, serving.method) == (version, method)
+        assert find_active_key(session, key.group(1)) is not None
     engine.dispose()

@@ -135,7 +135,7 @@ class Deployment:
         )
         assert job is not None
         self.session.commit()
-        forgetting.run_unlearn_job(self.session, job, lambda _: None, self.settings)
+        forgetting.run_unlearn_job(self.session, job, lambda *_: None, self.settings)
         self.session.commit()
         return job.id
 

@@ -72,7 +72,9 @@ class Ledger:
 
     def run(self, job: Job) -> str | None:
         progress: list[int] = []
-        method = forgetting.run_unlearn_job(self.session, job, progress.append, self.settings)
+        method = forgetting.run_unlearn_job(
+            self.session, job, lambda percent, _step=None: progress.append(percent), self.settings
+        )
         self.session.commit()
         assert progress == sorted(progress) and progress[-1] == 100
         return method
@@ -187,7 +189,7 @@ def test_when_every_rung_fails_the_requests_fail_with_the_reasons(
     ids = ledger.train_ids(1, offset=20)
     job = ledger.forget(ids)
     with pytest.raises(forgetting.LadderExhausted, match="every rung failed"):
-        forgetting.run_unlearn_job(ledger.session, job, lambda _: None, ledger.settings)
+        forgetting.run_unlearn_job(ledger.session, job, lambda *_: None, ledger.settings)
     ledger.session.rollback()
     # The rungs' candidates were committed as they failed: an operator can read their audits.
     states = ledger.session.scalars(
@@ -209,7 +211,7 @@ def test_a_crash_after_promotion_only_finishes_the_purge(
     with monkeypatch.context() as patch:
         patch.setattr(forgetting, "purge_and_certify", crash)
         with pytest.raises(RuntimeError):
-            forgetting.run_unlearn_job(ledger.session, job, lambda _: None, ledger.settings)
+            forgetting.run_unlearn_job(ledger.session, job, lambda *_: None, ledger.settings)
     ledger.session.rollback()
     promoted = alias_target(ledger.session)
     assert promoted is not None and promoted.job_id == job.id
@@ -245,7 +247,7 @@ def test_a_retry_resumes_the_ladder_after_the_rungs_already_rejected(
     with monkeypatch.context() as patch:
         patch.setattr(forgetting, "unlearn", crash_on_repair)
         with pytest.raises(RuntimeError):
-            forgetting.run_unlearn_job(ledger.session, job, lambda _: None, ledger.settings)
+            forgetting.run_unlearn_job(ledger.session, job, lambda *_: None, ledger.settings)
     ledger.session.rollback()
 
     assert ledger.run(job) == "amnesiac+repair"

@@ -13,7 +13,8 @@ from functools import partial
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, create_engine, select, update
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine, create_engine, event, select, update
 from sqlalchemy.orm import Session
 
 from app.dispatch import enqueue_job, in_process_runner
@@ -34,15 +35,18 @@ from app.ledger.jobs import (
     succeed_job,
     sweep_stale_jobs,
 )
+from app.ledger.keys import create_key
 from app.ledger.requests import file_requests
 from app.ledger.samples import SampleRecord, register_samples
 from app.ledger.tables import Job, JobKind, JobState, RequestState, Sample, SampleState, Split
 from app.ledger.versions import alias_target
+from app.main import create_app
 from app.settings import Settings
-from worker.scheduler import embedded_services, tick
+from worker.scheduler import embedded_services, run_scheduler, tick
 from worker.tasks import Heartbeat, execute_job
 
 LEASE = 60.0
+BUSY_TIMEOUT_500MS = "PRAGMA busy_timeout=500"
 
 
 def new_job(session: Session, lineage: str = "serving", **params: Any) -> int:
@@ -210,6 +214,17 @@ def test_sweep_requeues_lost_attempts_buries_exhausted_ones_and_resends_stale(
     assert sweep_stale_jobs(session, requeue_after_seconds=30).resend == []
 
 
+def test_sweep_leaves_alone_the_attempts_that_run_in_its_own_process(session: Session) -> None:
+    here, elsewhere = new_job(session, lineage="a"), new_job(session, lineage="b")
+    for job_id in (here, elsewhere):
+        claim(session, job_id)
+        expire_lease(session, job_id)
+    sweep = sweep_stale_jobs(session, requeue_after_seconds=30, running_here={(here, 1)})
+    session.commit()
+    assert sweep.resend == [elsewhere]
+    assert get_job(session, here).state is JobState.running
+
+
 def test_claiming_an_exhausted_lost_job_buries_it(session: Session) -> None:
     job_id = new_job(session)
     session.execute(update(Job).where(Job.id == job_id).values(max_attempts=1))
@@ -307,6 +322,77 @@ def test_a_heartbeat_held_off_by_the_jobs_own_sqlite_lock_is_not_a_warning(
     assert "waits for the job's commit" in records[0].getMessage()
 
 
+def test_an_embedded_job_holding_the_ledger_past_its_lease_runs_on_and_shows_progress(
+    session: Session, settings: Settings, sqlite_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Embedded mode: the job's transaction holds SQLite's only write lock (committing once
+    halfway, as between rungs), so its heartbeats wait; its lease runs out many times over.
+    Scaled down: a 3 s job, a 0.2 s lease and a 0.5 s busy timeout (30 s in production)."""
+    settings = settings.model_copy(
+        update={"lease_seconds": 0.2, "heartbeat_seconds": 0.05, "scheduler_interval_seconds": 0.05}
+    )
+    engine = make_engine(sqlite_url)
+    event.listen(engine, "connect", lambda connection, _: connection.execute(BUSY_TIMEOUT_500MS))
+    fault = {"mode": "sleep", "seconds": 3, "hold_ledger": True}
+    job_id = new_job(session, test_fault=fault)
+    key = create_key(session, "reader", ["status:read"], actor="test")
+    session.commit()
+    caplog.set_level(logging.INFO)
+    seen: list[dict[str, Any]] = []
+    app = create_app(settings, engine)  # the API of the same process, as in `lethe demo`
+    logging.getLogger().addHandler(caplog.handler)  # create_app replaced the root's handlers
+    with embedded_services(settings, engine), TestClient(app) as client:
+        enqueue_job(job_id, settings)
+        while not seen or seen[-1]["state"] not in ("succeeded", "failed", "dead"):
+            answer = client.get(f"/jobs/{job_id}", headers={"X-API-Key": key})
+            seen.append(answer.json()["job"])
+            time.sleep(0.05)
+    job = get_job(session, job_id)
+    assert (job.state, job.attempts, job.error) == (JobState.succeeded, 1, None)
+    running = [j for j in seen if j["state"] == "running"]
+    assert any(0 < j["progress"] < 100 for j in running)  # while the job held the ledger
+    shown = [j["progress_detail"] for j in running if j["progress_detail"]]
+    assert shown and {d["phase"] for d in shown} == {"sleeping"}
+    assert {d["unit"] for d in shown} == {"ticks"} and max(d["done"] for d in shown) > 1
+    assert any(d["left_seconds"] is not None and d["left_seconds"] > 0 for d in shown)
+    loud = [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
+    assert not loud, [r.getMessage() for r in loud]  # no "database is locked", no traceback
+    waits = [r.getMessage() for r in caplog.records if r.name == "worker.scheduler"]
+    assert not waits  # the sweep never tried to take the running job from its attempt
+    engine.dispose()
+
+
+def test_a_conflict_in_the_ledger_is_reported_as_such_not_as_a_lost_lease(
+    session: Session, settings: Settings, engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    job_id = unlearn_job(session, test_fault={"mode": "conflict"})
+    assert execute_job(job_id, settings=settings, engine=engine) == "queued"  # costs an attempt
+    job = get_job(session, job_id)
+    assert job.error is not None and "StateConflict: test fault: a row changed" in job.error
+    assert "test fault: a row changed" in caplog.text
+    assert "lost its lease" not in caplog.text
+
+
+def test_a_scheduler_tick_held_off_by_a_jobs_sqlite_lock_is_one_quiet_line(
+    session: Session, settings: Settings, sqlite_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    file(session, 1)  # a pending request: the tick would write a job for it
+    session.commit()
+    impatient = create_engine(sqlite_url, connect_args={"timeout": 0.01})
+    writer = impatient.raw_connection()  # as a running job's transaction: the one write lock
+    writer.execute("BEGIN IMMEDIATE")
+    caplog.set_level(logging.INFO, logger="worker.scheduler")
+    stop = threading.Event()
+    scheduler = threading.Thread(target=run_scheduler, args=(settings, impatient, stop))
+    scheduler.start()
+    wait_until(lambda: bool(caplog.records))
+    stop.set()
+    scheduler.join()
+    writer.close()  # rolls back
+    assert {(r.levelno, r.exc_info) for r in caplog.records} == {(logging.INFO, None)}
+    assert "waits for a running job's commit" in caplog.records[0].getMessage()
+
+
 def test_a_raising_job_is_retried_by_the_task_until_dead(
     session: Session, settings: Settings, engine: Engine, run_in_process: Any
 ) -> None:
@@ -354,7 +440,7 @@ def test_the_scheduler_coalesces_and_enqueues_after_commit(
 
 
 def test_an_attempt_that_lost_its_lease_stops_and_records_nothing(
-    session: Session, settings: Settings, engine: Engine
+    session: Session, settings: Settings, engine: Engine, caplog: pytest.LogCaptureFixture
 ) -> None:
     job_id = new_job(session, test_fault={"mode": "sleep", "seconds": 2})
     with in_process_runner(partial(execute_job, settings=settings, engine=engine)) as runner:
@@ -365,6 +451,7 @@ def test_an_attempt_that_lost_its_lease_stops_and_records_nothing(
         runner.drain(timeout=10)
     job = get_job(session, job_id)
     assert (job.state, job.attempts, job.method) == (JobState.running, 2, None)
+    assert f"job {job_id} attempt 1 lost its lease" in caplog.text
 
 
 def test_a_job_refused_for_a_busy_lineage_is_sent_again_when_it_frees(

@@ -20,6 +20,7 @@ from app.ledger.versions import alias_target
 from tests.unit.worker_support import digits_store
 from worker.data import load_split
 from worker.nets import ARCHITECTURES, ModelSpec, build_model, tracked_entries
+from worker.progress import Step
 from worker.store import ArtifactStore, IntegrityError, sha256_hex
 from worker.training import (
     TrainConfig,
@@ -93,14 +94,19 @@ def test_every_step_records_its_batch_and_its_delta(session: Session, store: Art
 def test_recording_does_not_change_training(session: Session, store: ArtifactStore) -> None:
     data = load_split(session, store, "digits", Split.train)
     plain, recorded = build_model(SPEC, seed=0), build_model(SPEC, seed=0)
-    percents: list[int] = []
+    reports: list[tuple[int, Step | None]] = []
 
-    train(plain, data, SHORT, CPU, progress=percents.append)
+    train(
+        plain, data, SHORT, CPU, progress=lambda percent, step=None: reports.append((percent, step))
+    )
     train_recorded(
         session, store, recorded, data, SHORT, CPU, kind="train", dataset="digits", spec=SPEC
     )
 
+    percents = [percent for percent, _ in reports]
     assert percents == sorted(set(percents)) and percents[-1] == 100
+    steps = SHORT.total_steps(len(data))  # the count comes with the percentage
+    assert reports[-1][1] == Step(done=steps, total=steps, unit="steps")
     for name, tensor in recorded.state_dict().items():
         torch.testing.assert_close(tensor, plain.state_dict()[name], rtol=0, atol=0)
 

@@ -31,6 +31,7 @@ from torch import nn
 from app.ledger.erasure import REFERENCES_PREFIX
 from worker.data import SampleSet
 from worker.nets import ModelSpec, build_model
+from worker.progress import Step
 from worker.store import ArtifactStore
 from worker.training import Progress, TrainConfig, train
 
@@ -118,10 +119,12 @@ def reference_set(
         store.put_json(manifest, {"pool": pool.sample_ids, "members": members, "count": count})
     references = ReferenceSet(store, prefix, spec, config, pool, halves, seed)
     for i, half in enumerate(halves):
+        if progress:
+            progress(i * 100 // count, Step("reference models", i, count, "models"))
         references.cached(
             f"reference-{i:03d}",
             partial(train_model, spec, pool.select(half), config, seed + i, device),
         )
-        if progress:
-            progress((i + 1) * 100 // count)
+    if progress:
+        progress(100, Step("reference models", count, count, "models"))
     return references

@@ -37,6 +37,7 @@ from worker.audit.unlearning_mia import (
     two_version_mia,
 )
 from worker.data import SampleSet, load_samples, load_split
+from worker.progress import Step, within
 from worker.store import ArtifactStore
 from worker.training import Progress, TrainConfig, load_model, model_spec
 
@@ -373,7 +374,11 @@ def prepare_audits(
     deletion job does not pay for them. Returns the one-off seconds per cached object."""
     config = config or AuditConfig()
     pool = load_split(session, store, version.details["dataset"], Split.pool)
-    references = references_for(session, store, version, pool, config, device, progress)
+    references = references_for(
+        session, store, version, pool, config, device, within(progress, 0, 90)
+    )
+    if progress:
+        progress(90, Step("attack models, shadow pairs, evaluator"))
     shadow_pairs(references, config, device)
     mia.shadow_attack_models(references, config, device)
     two_version_attacks(references, config, device)
@@ -398,7 +403,8 @@ def run_audit(
     report and plots to the store and records the gate decision in ``audits``. The reference
     models are trained on first use for the run configuration, then reused."""
     policy, config = policy or GatePolicy(), config or AuditConfig()
-    report = progress or (lambda _: None)
+    report = progress or (lambda *_: None)
+    report(0, Step("loading"))
     audit = create_audit(session, candidate.id, job_id)
     watch = Stopwatch()
     dataset = parent.details["dataset"]
@@ -419,14 +425,15 @@ def run_audit(
             sets["pool"],
             config,
             device,
-            lambda percent: report(5 + percent // 2),
+            within(report, 5, 55),
         )
+    report(55, Step("membership attacks"))
     membership = membership_attacks(references, outputs, sets, policy, config, device, watch)
-    report(70)
+    report(70, Step("inversion attacks"))
     inversion = inversion_attacks(
         references, versions, models, outputs, sets, config, device, watch
     )
-    report(90)
+    report(90, Step("report and plots"))
     prefix = f"audits/{candidate.version}/{audit.id}"
     with watch("report"):
         artifacts = write_artifacts(store, prefix, membership.curves, inversion.images)

@@ -28,6 +28,7 @@ from app.ledger.provenance import (
 )
 from app.ledger.tables import ModelVersion, StepDelta, VersionState
 from worker.nets import tracked_entries
+from worker.progress import within
 from worker.store import ArtifactStore
 from worker.training import (
     Progress,
@@ -41,7 +42,6 @@ from worker.unlearning.common import (
     fine_tune_candidate,
     finish_candidate,
     retained_train_set,
-    within,
 )
 
 CPU = torch.device("cpu")
@@ -167,7 +167,7 @@ def amnesiac_rollback(
     mark_rolled_back(session, plan.steps, version.id)
     rollback_end = 30 if repair_steps else 100
     rows = step_deltas(session, plan.steps)
-    subtract_steps(model, store, rows, device, within(progress, 0, rollback_end))
+    subtract_steps(model, store, rows, device, within(progress, 0, rollback_end, "rollback"))
     if repair_steps:
         fine_tune_candidate(
             session,
@@ -179,7 +179,7 @@ def amnesiac_rollback(
             continued_config(session, parent, repair_steps, version.id, repair_lr_scale),
             device,
             kind="repair",
-            progress=within(progress, rollback_end, 100),
+            progress=within(progress, rollback_end, 100, "repair"),
         )
     return finish_candidate(session, store, version, model)
 

@@ -76,10 +76,3 @@ def finish_candidate(
     store_weights(store, version, model)
     transition_version(session, version, {VersionState.training}, VersionState.candidate)
     return version
-
-
-def within(progress: Progress | None, start: int, end: int) -> Progress | None:
-    """A callback that maps a phase's 0-100 onto ``start``-``end`` of the whole job."""
-    if progress is None:
-        return None
-    return lambda percent: progress(start + (end - start) * percent // 100)
