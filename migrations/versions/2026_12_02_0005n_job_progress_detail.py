@@ -1,7 +1,7 @@
 """jobs.progress_detail: what a running job is doing (its phase and the phase's count)
 
 Revision ID: 0005n
-Revises: 0001
+Revises: 0003e
 Create Date: 2026-12-02 17:10:00.000000
 """
 
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0005n"
-down_revision: str | None = "0001"
+down_revision: str | None = "0003e"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
