@@ -345,6 +345,9 @@ def test_the_planner_skips_a_rollback_whose_deltas_an_erasure_purged(
     session = deployment.session
     first = sample_ids(session, "digits", Split.train)[11]
     deployment.settings = deployment.settings.model_copy(update={"ladder_start": "relabel"})
+    # relabel through all its steps (no probe stops it), so that its run surely fitted the
+    # sample's wrong-label copies: a relabel stopped before any batch held one purges nothing
+    monkeypatch.setenv("LETHE_METHODS_RELABEL__CHECK_EVERY", "1000")
     deployment.erase([first])
     relabelled = alias_target(session)
     assert relabelled is not None and relabelled.method == "relabel"
