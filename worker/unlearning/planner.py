@@ -14,6 +14,13 @@ lot between runs (bench/bench_relabel.py: 10 samples cost 1.5 to 6.3 points on o
 and -0.7 to 1.5 on another). So once the data set has audited relabel candidates, the planner
 uses their median observed rate instead of the default: a rung that keeps failing the accuracy
 rule stops being tried first.
+
+Exact retraining's drop is that of the model trained without the samples: a learning curve per
+class. A class that keeps a share f of the samples the serving model learned from has its error
+e grow to e / f^k, capped at losing the whole class (f = 0); e is the serving version's measured
+test error. bench/bench_screening.py measures exact retrains of digits against it
+(docs/benchmarks/screening.md). The screen (worker/screening.py) holds a job whose predicted
+drop is too large, whatever rung it would take.
 """
 
 import statistics
@@ -22,7 +29,8 @@ from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
 
-from app.ledger.audits import finished_audits_of_method
+from app.ledger.audits import finished_audits_of_method, measured_test_accuracy
+from app.ledger.impact import ClassCount, class_counts
 from app.ledger.provenance import StepRef
 from app.ledger.samples import sample_ids
 from app.ledger.tables import ModelVersion, SampleState, Split
@@ -38,6 +46,11 @@ class PlannerPolicy:
     repair_remaining_share: float = 0.1  # the part of the rollback drop a repair leaves
     # 1% of the training samples: 0.5 points, until the data set's relabel audits say otherwise
     relabel_points_per_sample_share: float = 50.0
+    retrain_error_exponent: float = 1.5  # k of the learning curve e / f^k (bench_screening)
+    # e when the serving version's accuracy was never measured, and the least e assumed: a test
+    # set of a few hundred samples cannot show a smaller error than that
+    assumed_test_error: float = 0.05
+    min_test_error: float = 0.01
 
 
 @dataclass(frozen=True)
@@ -81,7 +94,11 @@ def plan(
         "amnesiac": rollback_drop,
         "amnesiac+repair": rollback_drop * policy.repair_remaining_share,
         "relabel": relabel_rate * forget_share,
-        "retrain-exact": 0.0,
+        "retrain-exact": exact_retrain_drop(
+            class_counts(session, rollback.dataset, forget_ids),
+            measured_test_accuracy(session, parent),
+            policy,
+        ),
     }
     return Plan(
         affected_steps=rollback.steps,
@@ -110,3 +127,22 @@ def observed_relabel_rates(session: Session, dataset: str, active: int) -> list[
         if version.details.get("dataset") == dataset and drop is not None and forgotten:
             rates.append(max(0.0, float(drop)) * active / forgotten)
     return rates
+
+
+def exact_retrain_drop(
+    classes: Sequence[ClassCount], test_accuracy: float | None, policy: PlannerPolicy
+) -> float:
+    """Test accuracy points the model retrained without the forget set is predicted to lose:
+    each class weighs by its share of the training data, and the test set is assumed to follow
+    the training set's class mix."""
+    error = policy.assumed_test_error if test_accuracy is None else max(0.0, 1.0 - test_accuracy)
+    error = max(error, policy.min_test_error)
+    kept = sum(c.kept for c in classes)
+    lost = 0.0
+    for c in classes:
+        if c.kept <= 0:
+            continue
+        share = max(0, c.kept - c.forget) / c.kept
+        grown = error / share**policy.retrain_error_exponent if share > 0 else 1.0
+        lost += c.kept / kept * (min(1.0, grown) - error)
+    return 100 * max(0.0, lost)
