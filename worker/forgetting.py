@@ -43,6 +43,7 @@ from worker.audit import GatePolicy, run_audit
 from worker.audit.references import purge_reference_caches
 from worker.data import erase_samples
 from worker.devices import resolve_device
+from worker.screening import held_candidate, hold_below_floor, screen_job
 from worker.store import ArtifactStore, sha256_hex
 from worker.training import Progress
 from worker.unlearning import LADDER, MethodOptions, plan, purge_deltas, unlearn
@@ -74,6 +75,7 @@ def run_unlearn_job(
     requests = requests_of_job(session, job.id)
     open_requests = [r for r in requests if r.state is RequestState.processing]
     if open_requests:
+        screen_job(session, job, open_requests, settings)  # JobHeld above the screening policy
         version = forget(session, store, job, open_requests, within(progress, 0, 90), settings)
         session.commit()  # the promotion is durable before anything is erased
         requests = requests_of_job(session, job.id)
@@ -112,6 +114,11 @@ def forget(
         )
     first = settings.ladder_start or plan(session, parent, forget_ids).method
     tried = _rejected_rungs(session, job)  # by an earlier attempt of this job: not redone
+    held = held_candidate(session, job, parent)  # passed its audit, then held at the floor
+    if held is not None:
+        version, audit = held
+        tried.append(_rung(version, audit.id, str(audit.decision), audit.reasons))
+        return _promote(session, job, version, requests, tried)
     done = {rung.method for rung in tried}
     rungs = [m for m in LADDER[LADDER.index(first) :] if m not in done]
     device = resolve_device()
@@ -120,8 +127,7 @@ def forget(
         candidate, rung = _try_rung(session, store, job, parent, forget_ids, method, device, span)
         tried.append(rung)
         if rung.decision == "pass":
-            _complete(session, job, candidate, requests, tried)
-            return candidate
+            return _promote(session, job, candidate, requests, tried)
         session.commit()  # the rejected candidate and its audit stay for the operator to read
     raise LadderExhausted(
         "every rung failed its audit: "
@@ -195,6 +201,18 @@ def _try_rung(
             details={"method": method, "audit": audit.audit_id, "reasons": audit.reasons},
         )
     return candidate, _rung(candidate, audit.audit_id, audit.decision, audit.reasons)
+
+
+def _promote(
+    session: Session,
+    job: Job,
+    candidate: ModelVersion,
+    requests: Sequence[DeletionRequest],
+    tried: list[Rung],
+) -> ModelVersion:
+    hold_below_floor(session, job, candidate)  # JobHeld below the accuracy floor
+    _complete(session, job, candidate, requests, tried)
+    return candidate
 
 
 def _complete(

@@ -42,6 +42,9 @@ class JobView:
     attempts: int
     method: str | None
     error: str | None
+    hold_stage: str | None = None
+    hold_reason: str | None = None
+    approved_stages: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, job: Job) -> "JobView":
@@ -53,6 +56,9 @@ class JobView:
             job.attempts,
             job.method,
             job.error,
+            job.hold_stage.value if job.hold_stage else None,
+            job.hold_reason,
+            tuple(job.approved_stages),
         )
 
 

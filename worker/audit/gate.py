@@ -11,20 +11,16 @@ small F can prove. Over-unlearning (F looking *less* member-like than data never
 well below 0.5) is a failure too: it tells an attacker which samples were erased.
 """
 
-import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from pydantic import Field
-from pydantic_settings import (
-    BaseSettings,
-    JsonConfigSettingsSource,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-)
+from pydantic_settings import SettingsConfigDict
+
+from worker.policy import FilePolicy
 
 
-class GatePolicy(BaseSettings):
+class GatePolicy(FilePolicy):
     model_config = SettingsConfigDict(
         env_prefix="LETHE_GATE_", env_ignore_empty=True, extra="ignore"
     )
@@ -61,21 +57,6 @@ class GatePolicy(BaseSettings):
         "not enforced there: the model retrained without the samples is what erasure means, "
         "and failing it would leave the request unhonoured over test-set noise",
     )
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources = [init_settings, env_settings]
-        path = os.environ.get("LETHE_GATE_FILE")
-        if path:
-            sources.append(JsonConfigSettingsSource(settings_cls, json_file=path))
-        return tuple(sources)
 
 
 @dataclass(frozen=True)
