@@ -161,6 +161,11 @@ class JobOut(BaseModel):
     links: dict[str, str]
 
 
+class JobPage(BaseModel):
+    items: list[JobOut]
+    next_cursor: str | None
+
+
 class StatsOut(BaseModel):
     requests_by_state: dict[str, int]
     jobs_by_state: dict[str, int]

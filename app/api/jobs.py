@@ -3,14 +3,21 @@ operator's decision on a held job."""
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Request
+from fastapi import APIRouter, Path, Query, Request
 
 from app.api.deps import ModelsAdmin, SessionDep, StatusReader
 from app.api.errors import PROBLEM_RESPONSES
-from app.ledger.jobs import approve_job, create_job, get_job, next_queued_in_lineage, reject_job
+from app.ledger.jobs import (
+    approve_job,
+    create_job,
+    get_job,
+    list_jobs,
+    next_queued_in_lineage,
+    reject_job,
+)
 from app.ledger.requests import JobView
-from app.ledger.tables import Job, JobKind
-from app.schemas import JobOut, JobSummary, OperatorDecision, TrainBody
+from app.ledger.tables import Job, JobKind, JobState
+from app.schemas import JobOut, JobPage, JobSummary, OperatorDecision, TrainBody
 
 router = APIRouter(tags=["jobs"], responses=PROBLEM_RESPONSES)
 JobId = Annotated[int, Path(ge=1, le=2**31 - 1)]
@@ -33,6 +40,22 @@ def start_training(
     session.commit()
     request.app.state.enqueue(job.id)  # after commit: the worker must find the row
     return present(job)
+
+
+@router.get("/jobs", response_model=JobPage)
+def read_jobs(
+    session: SessionDep,
+    _p: StatusReader,
+    state: JobState | None = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(pattern=r"^[0-9]{1,12}$")] = None,
+) -> JobPage:
+    """Newest first; `state=held` lists the jobs waiting for an operator."""
+    rows = list_jobs(
+        session, state=state, limit=limit + 1, after_id=int(cursor) if cursor else None
+    )
+    next_cursor = str(rows[limit - 1].id) if len(rows) > limit else None
+    return JobPage(items=[present(job) for job in rows[:limit]], next_cursor=next_cursor)
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut)

@@ -95,6 +95,18 @@ def get_job(session: Session, job_id: int) -> Job:
     return job
 
 
+def list_jobs(
+    session: Session, *, state: JobState | None = None, limit: int = 50, after_id: int | None = None
+) -> list[Job]:
+    """Newest first, keyset-paginated on the ID."""
+    query = select(Job).order_by(Job.id.desc()).limit(limit)
+    if state is not None:
+        query = query.where(Job.state == state)
+    if after_id is not None:
+        query = query.where(Job.id < after_id)
+    return list(session.scalars(query))
+
+
 def jobs_by_id(session: Session, job_ids: set[int]) -> dict[int, Job]:
     if not job_ids:
         return {}

@@ -80,3 +80,16 @@ def test_reject_fails_the_requests_with_the_reason(api: Api) -> None:
     unknown = api.client.post("/jobs/999/reject", json={"reason": "x"},
                               headers=api.headers("models:admin"))  # fmt: skip
     assert unknown.status_code == 404
+
+
+def test_the_held_jobs_are_listed(api: Api) -> None:
+    first = held_job(api, ["toy-007"])
+    second = held_job(api, ["toy-008"], HoldStage.promotion)
+    page = api.client.get("/jobs?state=held&limit=1", headers=api.headers()).json()
+    assert [job["job"]["id"] for job in page["items"]] == [second]  # newest first
+    rest = api.client.get(f"/jobs?state=held&cursor={page['next_cursor']}", headers=api.headers())
+    assert [job["job"]["id"] for job in rest.json()["items"]] == [first]
+    assert rest.json()["next_cursor"] is None
+    assert api.client.get("/jobs?state=queued", headers=api.headers()).json()["items"] == []
+    wrong = api.client.get("/jobs?state=paused", headers=api.headers())
+    assert wrong.status_code == 422 and "state" in wrong.json()["detail"]
