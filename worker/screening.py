@@ -272,10 +272,10 @@ def floor_breach(audit: Audit | None, policy: ScreenPolicy) -> str | None:
     if accuracy is None or drop is None:
         return "its test accuracy was not measured"
     if least is not None and accuracy < least:
-        return f"test accuracy {accuracy:.1%} is below the floor of {least:.1%}"
+        return f"test accuracy {accuracy:.2%} is below the floor of {least:.2%}"
     if most is not None and drop > most:
         return (
-            f"test accuracy {accuracy:.1%} fell {drop:.1f} points below the serving version's "
+            f"test accuracy {accuracy:.2%} fell {drop:.1f} points below the serving version's "
             f"(the floor allows {most:g})"
         )
     return None

@@ -126,6 +126,25 @@ def test_a_burst_that_leaves_little_data_is_held_by_every_size_rule(
     assert drop.value is not None and drop.value > 50  # exact retraining on 10 samples
 
 
+def test_a_burst_split_over_several_jobs_holds_each_of_them(
+    session: Session, serving: ModelVersion
+) -> None:
+    """Coalescing caps a job (500 requests by default): each part is screened with the others'
+    samples counted, since exact retraining leaves out every sample being erased."""
+    ids = [toy_id(label, i) for label in range(CLASSES) for i in range(PER_CLASS - 1)]
+    file_requests(session, ids, actor="key:2:burst", note=None, deadline_days=30)
+    jobs = []
+    while job := coalesce_pending_requests(
+        session, window_seconds=0, max_requests=200, max_attempts=3, actor="test"
+    ):
+        jobs.append(job)
+    session.commit()
+    assert len(jobs) == 2
+    for job in jobs:
+        result = screened(session, job, serving, ScreenPolicy())
+        assert {"predicted_test_drop", "class_share", "dataset_share"} <= failed(result)
+
+
 @pytest.mark.parametrize(
     ("policy", "over", "under"),
     [  # a policy with one rule on; a job over its limit and one under it
@@ -265,7 +284,7 @@ def test_the_floor_holds_a_drop_beyond_it_or_an_accuracy_under_it(
     assert reason is not None and "fell 83.0 points" in reason
     absolute = policy.model_copy(update={"floor_min_test_accuracy": 0.96})
     reason = floor_breach(_audit(session, serving, 0.95, 0.1), absolute)  # type: ignore[arg-type]
-    assert reason is not None and "below the floor of 96.0%" in reason
+    assert reason is not None and "below the floor of 96.00%" in reason
     assert floor_breach(None, policy) == "its test accuracy was not measured"
     off = policy.model_copy(update={"floor_max_drop_points": None})
     assert floor_breach(None, off) is None

@@ -18,9 +18,10 @@ rule stops being tried first.
 Exact retraining's drop is that of the model trained without the samples: a learning curve per
 class. A class that keeps a share f of the samples the serving model learned from has its error
 e grow to e / f^k, capped at losing the whole class (f = 0); e is the serving version's measured
-test error. bench/bench_screening.py measures exact retrains of digits against it
-(docs/benchmarks/screening.md). The screen (worker/screening.py) holds a job whose predicted
-drop is too large, whatever rung it would take.
+test error. Exact retraining trains on the active samples only, so the samples other jobs are
+erasing are left out too: f counts them. bench/bench_screening.py measures exact retrains of
+digits against it (docs/benchmarks/screening.md). The screen (worker/screening.py) holds a job
+whose predicted drop is too large, whatever rung it would take.
 """
 
 import statistics
@@ -142,7 +143,7 @@ def exact_retrain_drop(
     for c in classes:
         if c.kept <= 0:
             continue
-        share = max(0, c.kept - c.forget) / c.kept
+        share = max(0, c.train - c.removed) / c.kept  # without every sample being erased
         grown = error / share**policy.retrain_error_exponent if share > 0 else 1.0
         lost += c.kept / kept * (min(1.0, grown) - error)
     return 100 * max(0.0, lost)
