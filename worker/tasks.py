@@ -121,6 +121,9 @@ def execute_job(
     settings = settings or get_settings()
     engine = engine or get_engine()
     with session_scope(engine) as session:
+        # The lineage's oldest queued job runs first (its message may be lost). JobRequest only
+        # knows the message's job: if the pool process dies running the older one, that job's
+        # lease runs out and the sweeper sends it again.
         first = first_in_line(session, job_id)
         if first != job_id:
             log.info("job %s waits: job %s of its lineage is older and runs first", job_id, first)
