@@ -18,11 +18,14 @@ from typing import Any
 
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from app.ledger.audits import latest_audit
 from app.ledger.clock import utcnow
+from app.ledger.db import session_scope
 from app.ledger.impact import ClassCount, class_counts, key_usage, requests_by_key
+from app.ledger.jobs import record_screening
 from app.ledger.provenance import release_rollbacks
 from app.ledger.tables import (
     Audit,
@@ -259,7 +262,10 @@ def screen_job(
     )
     if screening.held:
         raise JobHeld(HoldStage.screening, screening.reason, screening.to_dict())
-    job.screening = screening.to_dict()
+    engine = session.get_bind()
+    assert isinstance(engine, Engine)  # the worker's sessions are bound to its engine
+    with session_scope(engine) as own:
+        record_screening(own, job.id, screening.to_dict())
 
 
 def floor_breach(audit: Audit | None, policy: ScreenPolicy) -> str | None:

@@ -355,6 +355,12 @@ def coalesce_pending_requests(
     return job
 
 
+def record_screening(session: Session, job_id: int, screening: dict[str, Any]) -> None:
+    """The screen a job passed. Written in a transaction of its own, never in the job's: the
+    job's would lock the job's row until its end, and the heartbeat could not renew the lease."""
+    _cas(session, job_id, screening=screening)
+
+
 def hold_job(
     session: Session,
     job_id: int,

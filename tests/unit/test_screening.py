@@ -7,13 +7,20 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import text, update
 from sqlalchemy.orm import Session
 
 from app.ledger.audits import create_audit, finish_audit
 from app.ledger.clock import utcnow
+from app.ledger.db import make_engine, open_session
 from app.ledger.impact import ClassCount, class_counts, key_usage, requests_by_key
-from app.ledger.jobs import coalesce_pending_requests
+from app.ledger.jobs import (
+    claim_job,
+    coalesce_pending_requests,
+    get_job,
+    heartbeat,
+    requests_of_job,
+)
 from app.ledger.provenance import create_run, finish_run, record_steps
 from app.ledger.requests import file_requests
 from app.ledger.samples import SampleRecord, register_samples, set_sample_state
@@ -26,8 +33,10 @@ from app.ledger.tables import (
     Split,
     VersionState,
 )
-from app.ledger.versions import create_version, promote
-from worker.screening import Screening, ScreenPolicy, floor_breach, screen
+from app.ledger.versions import alias_target, create_version, promote
+from app.settings import Settings
+from tests.api.conftest import _truncate_all as truncate_all
+from worker.screening import Screening, ScreenPolicy, floor_breach, screen, screen_job
 from worker.unlearning.planner import PlannerPolicy, exact_retrain_drop
 
 CLASSES, PER_CLASS = 10, 40  # 400 training samples
@@ -54,6 +63,10 @@ def toy_id(label: int, index: int) -> str:
 
 @pytest.fixture
 def serving(session: Session) -> ModelVersion:
+    return serve_toy(session)
+
+
+def serve_toy(session: Session) -> ModelVersion:
     """A toy model serving, trained once over its samples in steps of 10."""
     ids = [toy_id(label, i) for i in range(PER_CLASS) for label in range(CLASSES)]
     register_samples(
@@ -288,3 +301,28 @@ def test_the_floor_holds_a_drop_beyond_it_or_an_accuracy_under_it(
     assert floor_breach(None, policy) == "its test accuracy was not measured"
     off = policy.model_copy(update={"floor_max_drop_points": None})
     assert floor_breach(None, off) is None
+
+
+@pytest.mark.postgres
+def test_screening_leaves_the_jobs_row_to_the_heartbeat(postgres_url: str) -> None:
+    """The job's own transaction runs for the whole ladder: had the screen written the job's
+    row in it, the row would stay locked and the heartbeat could not renew the lease."""
+    truncate_all(postgres_url)
+    engine = make_engine(postgres_url)
+    with open_session(engine) as session:
+        parent = serve_toy(session)
+        job = job_of(session, {"key:1:intake": [toy_id(0, 0), toy_id(5, 0)]})
+        claim_job(session, job.id, lease_seconds=60)
+        session.commit()
+        job = get_job(session, job.id)
+        screen_job(session, job, requests_of_job(session, job.id), Settings())
+        session.flush()  # as the job's next query would
+        with engine.connect() as other:
+            other.execute(text("SET lock_timeout = '2s'"))
+            with Session(bind=other) as beat:
+                assert heartbeat(beat, job.id, 1, lease_seconds=60)
+                beat.commit()
+        session.rollback()
+        assert get_job(session, job.id).screening["held"] is False  # committed on its own
+        assert alias_target(session) == parent
+    engine.dispose()
