@@ -51,6 +51,8 @@ bench: system-deps install
 	$(BIN)/python bench/bench_rollback.py
 	$(BIN)/python bench/bench_delta_parts.py --repeats 10
 	$(BIN)/python bench/bench_audit.py --out docs/benchmarks
+	$(BIN)/python bench/bench_screening.py --epochs 6 --batch-size 16 --optimizer adam --lr 0.001
+	$(BIN)/python bench/bench_screening.py
 
 clean:
 	rm -rf $(VENV) lethe-data .pytest_cache .mypy_cache .ruff_cache

@@ -2,7 +2,8 @@
 
 With a broker (``LETHE_BROKER_URL``) the job ID goes to Celery with ``send_task``. Without one
 (embedded mode) it goes to the in-process runner that the embedded launcher installed. A failed
-hand-off loses nothing: the job row is the outbox, and the scheduler's sweeper sends it again.
+hand-off loses nothing: the job row is the outbox, and the scheduler's sweeper sends it again,
+at once when the broker lost its messages (``broker_lost_messages``).
 """
 
 import logging
@@ -15,14 +16,19 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+import redis
 from celery import Celery
 from kombu.exceptions import KombuError
 from redis.exceptions import RedisError
 
+from app.ledger.clock import utcnow
 from app.log_context import task_headers
 from app.settings import Settings, get_settings
 
 RUN_JOB_TASK = "lethe.run_job"
+# A key the scheduler keeps in the broker: gone means the broker lost everything it held (a
+# restart without persistence, a flush, a new server), the queued jobs' messages with it.
+BROKER_MARK = "lethe:broker-mark"
 log = logging.getLogger(__name__)
 
 
@@ -118,6 +124,25 @@ class RunningHere:
 
 
 running_here = RunningHere()
+
+
+@lru_cache
+def _redis(broker_url: str) -> redis.Redis:
+    return redis.Redis.from_url(broker_url, socket_connect_timeout=2, socket_timeout=2)
+
+
+def broker_lost_messages(settings: Settings) -> bool:
+    """True once each time the broker comes back without its memory, the first time this
+    deployment meets its broker included: the mark is set when absent, so only one of several
+    schedulers sees it missing. False without a broker, or while it is unreachable."""
+    if not settings.broker_url:
+        return False
+    mark = f"{settings.broker_key_prefix}{BROKER_MARK}"
+    try:
+        return bool(_redis(settings.broker_url).set(mark, utcnow().isoformat(), nx=True))
+    except RedisError as error:
+        log.warning("broker unavailable; its messages are checked once it answers: %r", error)
+        return False
 
 
 class InProcessRunner:

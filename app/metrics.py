@@ -29,8 +29,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.ledger.clock import utcnow
 from app.ledger.db import open_session
-from app.ledger.stats import audit_decisions, ledger_stats
-from app.ledger.tables import JobState, RequestState, VersionState
+from app.ledger.stats import audit_decisions, held_jobs_by_stage, ledger_stats
+from app.ledger.tables import HoldStage, JobState, RequestState, VersionState
 from app.ledger.versions import alias_target
 
 EngineSource = Callable[[], Engine]  # read per scrape: the app's engine may be replaced
@@ -64,6 +64,7 @@ def _optional(name: str, documentation: str, value: float | None) -> GaugeMetric
 
 def ledger_metrics(session: Session) -> list[Metric]:
     stats = ledger_stats(session)
+    held = held_jobs_by_stage(session)
     oldest = stats.oldest_open_received_at
     serving = alias_target(session)
     return [
@@ -94,6 +95,12 @@ def ledger_metrics(session: Session) -> list[Metric]:
             stats.time_to_erasure_p95_s,
         ),
         _by_state("lethe_jobs", "Jobs by state", JobState, stats.jobs_by_state),
+        _by_label(
+            "lethe_jobs_held",
+            "Jobs held for an operator's approve or reject, by the stage that held them",
+            "stage",
+            {stage.value: held.get(stage.value, 0) for stage in HoldStage},
+        ),
         _by_state(
             "lethe_model_versions",
             "Model versions by state",

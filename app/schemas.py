@@ -68,6 +68,14 @@ class JobSummary(BaseModel):
     attempts: int
     method: str | None
     error: str | None
+    hold_stage: Literal["screening", "promotion"] | None = Field(
+        default=None,
+        description="Where the job was last held for an operator (state `held` while it waits)",
+    )
+    hold_reason: str | None = Field(default=None, description="Why it was held, in words")
+    approved_stages: list[str] = Field(
+        default_factory=list, description="The holds an operator approved"
+    )
 
 
 class ForgetRequestOut(BaseModel):
@@ -215,7 +223,17 @@ class JobOut(BaseModel):
         description="Objects whose bytes failed their recorded sha256 (key, expected_sha256, "
         "actual_sha256), and the ladder rung that read them",
     )
+    screening: dict[str, Any] | None = Field(
+        default=None,
+        description="An unlearn job's planning-time screen: its figures, the policy and each "
+        "rule's outcome",
+    )
     links: dict[str, str]
+
+
+class JobPage(BaseModel):
+    items: list[JobOut]
+    next_cursor: str | None
 
 
 class StatsOut(BaseModel):

@@ -41,6 +41,7 @@ from worker.audit.gate import AuditDecision
 from worker.devices import resolve_device
 from worker.erasure import purge_and_certify
 from worker.progress import Progress, within
+from worker.screening import held_candidate, hold_below_floor, screen_job
 from worker.store import ArtifactStore, IntegrityError
 from worker.unlearning import LADDER, MethodOptions, plan, unlearn
 
@@ -82,6 +83,7 @@ def run_unlearn_job(
             purge_and_certify(session, store, job, untrained, settings)
             session.commit()
         if trained:
+            screen_job(session, job, trained, settings)  # JobHeld above the screening policy
             forget(session, store, job, parent, trained, within(progress, 0, 90), settings)
             session.commit()  # the promotion is durable before anything is erased
     uncertified = [
@@ -124,6 +126,11 @@ def forget(
     first = settings.ladder_start or planned.method
     notes = [{"method": m, "outcome": "skipped", "reason": r} for m, r in planned.blocked.items()]
     tried = _rejected_rungs(session, job)  # by an earlier attempt of this job: not redone
+    held = held_candidate(session, job, parent)  # passed its audit, then held at the floor
+    if held is not None:
+        version, audit = held
+        tried.append(_rung(version, audit.id, str(audit.decision), audit.reasons))
+        return _promote(session, job, version, requests, tried)
     done = {rung.method for rung in tried}
     rungs = [m for m in LADDER[LADDER.index(first) :] if m not in done and m not in planned.blocked]
     device = resolve_device()
@@ -145,9 +152,8 @@ def forget(
             continue
         tried.append(rung)
         if rung.decision == AuditDecision.passed:
-            _complete(session, job, candidate, requests, tried)
             candidate.details = {**candidate.details, "ladder_notes": notes}
-            return candidate
+            return _promote(session, job, candidate, requests, tried)
         session.commit()  # the rejected candidate and its audit stay for the operator to read
     raise LadderExhausted(
         "every rung failed: "
@@ -243,6 +249,18 @@ def _try_rung(
         )
     decision = AuditDecision.passed if audit.passed else AuditDecision.failed
     return candidate, _rung(candidate, audit.audit_id, decision, audit.reasons)
+
+
+def _promote(
+    session: Session,
+    job: Job,
+    candidate: ModelVersion,
+    requests: Sequence[DeletionRequest],
+    tried: list[Rung],
+) -> ModelVersion:
+    hold_below_floor(session, job, candidate)  # JobHeld below the accuracy floor
+    _complete(session, job, candidate, requests, tried)
+    return candidate
 
 
 def _complete(

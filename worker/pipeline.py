@@ -7,12 +7,13 @@ imports this module) never loads torch; only a pool process running a job does.
 import os
 import time
 from collections.abc import Callable
+from typing import Any
 
 from sqlalchemy.orm import Session
 
 from app.ledger.errors import StateConflict
 from app.ledger.events import record_event
-from app.ledger.tables import Job, JobKind
+from app.ledger.tables import HoldStage, Job, JobKind
 from app.settings import Settings
 from worker.progress import Progress, Step, within
 
@@ -21,6 +22,20 @@ Handler = Callable[[Session, Job, Progress, Settings], str | None]
 
 class JobFailed(Exception):
     """A failure that retrying cannot fix: the job and its requests end ``failed`` at once."""
+
+
+class JobHeld(Exception):
+    """The job waits for an operator; the task records the hold (``held``) once the job's
+    transaction is rolled back, so whatever must survive the hold is committed before this is
+    raised."""
+
+    def __init__(
+        self, stage: HoldStage, reason: str, screening: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__(f"held at {stage.value}: {reason}")
+        self.stage = stage
+        self.reason = reason
+        self.screening = screening
 
 
 def run_job(session: Session, job: Job, progress: Progress, *, settings: Settings) -> str | None:

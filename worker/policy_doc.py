@@ -13,12 +13,19 @@ from app.settings_doc import between_markers
 from worker.audit.config import AuditConfig
 from worker.audit.gate import GatePolicy
 from worker.config import PolicySettings
+from worker.screening import ScreenPolicy
 from worker.unlearning.methods import MethodOptions
 from worker.unlearning.planner import PlannerPolicy
 
 GATE_DOC = Path(__file__).resolve().parents[1] / "docs" / "gate.md"
 START, END = "<!-- policy-table:start -->", "<!-- policy-table:end -->"
-POLICIES: tuple[type[PolicySettings], ...] = (GatePolicy, AuditConfig, PlannerPolicy, MethodOptions)
+POLICIES: tuple[type[PolicySettings], ...] = (
+    GatePolicy,
+    AuditConfig,
+    PlannerPolicy,
+    MethodOptions,
+    ScreenPolicy,
+)
 
 
 def _rows(variable: str, key: str, fields: dict[str, FieldInfo]) -> list[str]:

@@ -18,7 +18,7 @@ from types import FrameType
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from app.dispatch import enqueue_job, in_process_runner, running_here
+from app.dispatch import broker_lost_messages, enqueue_job, in_process_runner, running_here
 from app.ledger.db import get_engine, held_by_another_writer, session_scope
 from app.ledger.errors import LedgerError
 from app.ledger.jobs import coalesce_pending_requests, sweep_stale_jobs
@@ -36,6 +36,9 @@ class Tick:
 
 
 def tick(settings: Settings, engine: Engine) -> Tick:
+    # A broker that lost its memory lost every queued job's message: all are sent again now,
+    # not once they have waited requeue_after_seconds.
+    requeue_after = 0.0 if broker_lost_messages(settings) else settings.requeue_after_seconds
     with session_scope(engine) as session:
         job = coalesce_pending_requests(
             session,
@@ -47,13 +50,10 @@ def tick(settings: Settings, engine: Engine) -> Tick:
         coalesced = job.id if job is not None else None
     with session_scope(engine) as session:
         sweep = sweep_stale_jobs(
-            session,
-            requeue_after_seconds=settings.requeue_after_seconds,
-            running_here=running_here.attempts(),
+            session, requeue_after_seconds=requeue_after, running_here=running_here.attempts()
         )
-    for job_id in [coalesced, *sweep.resend]:
-        if job_id is not None:
-            enqueue_job(job_id, settings)
+    for job_id in sorted({*sweep.resend, *([coalesced] if coalesced else [])}):  # oldest first
+        enqueue_job(job_id, settings)
     return Tick(coalesced, sweep.resend, sweep.dead)
 
 

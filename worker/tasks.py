@@ -26,8 +26,10 @@ from app.ledger.jobs import (
     claim_job,
     fail_attempt,
     fail_job,
+    first_in_line,
     get_job,
     heartbeat,
+    hold_job,
     holds,
     next_queued_in_lineage,
     release_lease,
@@ -37,7 +39,7 @@ from app.ledger.tables import JobState
 from app.log_context import TASK_REQUEST_ID, task_log_context
 from app.settings import Settings, get_settings
 from worker.celery_app import celery_app
-from worker.pipeline import JobFailed, run_job
+from worker.pipeline import JobFailed, JobHeld, run_job
 from worker.progress import Pace, Step
 
 log = logging.getLogger(__name__)
@@ -126,15 +128,23 @@ def execute_job(
     settings = settings or get_settings()
     engine = engine or get_engine()
     with session_scope(engine) as session:
-        claim = claim_job(session, job_id, lease_seconds=settings.lease_seconds)
+        # The lineage's oldest queued job runs first (its message may be lost). JobRequest only
+        # knows the message's job: if the pool process dies running the older one, that job's
+        # lease runs out and the sweeper sends it again.
+        first = first_in_line(session, job_id)
+        if first != job_id:
+            log.info("job %s waits: job %s of its lineage is older and runs first", job_id, first)
+        claim = claim_job(session, first, lease_seconds=settings.lease_seconds)
     if claim.outcome is not ClaimOutcome.claimed:
-        log.info("job %s not run: %s", job_id, claim.outcome.value)
+        log.info("job %s not run: %s", first, claim.outcome.value)
+        if claim.outcome is ClaimOutcome.dead:
+            _hand_over_lineage(engine, first, settings)
         return claim.outcome.value
-    log.info("job %s (%s) attempt %s started", job_id, claim.job.kind, claim.job.attempts)
-    outcome = _run_claimed(engine, job_id, claim.job.attempts, settings)
-    log.info("job %s attempt %s ended %s", job_id, claim.job.attempts, outcome.value)
-    if outcome in FINISHED_STATES:
-        _hand_over_lineage(engine, job_id, settings)
+    log.info("job %s (%s) attempt %s started", first, claim.job.kind, claim.job.attempts)
+    outcome = _run_claimed(engine, first, claim.job.attempts, settings)
+    log.info("job %s attempt %s ended %s", first, claim.job.attempts, outcome.value)
+    if outcome in (*FINISHED_STATES, JobState.held):
+        _hand_over_lineage(engine, first, settings)
     return outcome.value
 
 
@@ -153,6 +163,8 @@ def _run_claimed(engine: Engine, job_id: int, attempt: int, settings: Settings) 
                 return _lease_lost(job_id, attempt)  # the attempt that replaced it moved on
             # A real conflict: the ledger changed under the job (e.g. an operator's override).
             return _record_failure(engine, job_id, attempt, error, settings, retryable=True)
+        except JobHeld as held:
+            return _record_hold(engine, job_id, attempt, held)
         except (JobFailed, NotImplementedError) as error:
             return _record_failure(engine, job_id, attempt, error, settings, retryable=False)
         except Exception as error:  # any crash of the handler costs one attempt
@@ -174,6 +186,24 @@ def _hand_over_lineage(engine: Engine, job_id: int, settings: Settings) -> None:
         successor = next_queued_in_lineage(session, job_id)
     if successor is not None:
         enqueue_job(successor, settings)
+
+
+def _record_hold(engine: Engine, job_id: int, attempt: int, held: JobHeld) -> JobState:
+    log.warning("job %s attempt %s %s", job_id, attempt, held)
+    try:
+        with session_scope(engine) as session:
+            hold_job(
+                session,
+                job_id,
+                attempt,
+                stage=held.stage,
+                reason=held.reason,
+                screening=held.screening,
+            )
+    except StateConflict:
+        log.warning("job %s attempt %s lost its lease; its hold is dropped", job_id, attempt)
+        return JobState.running
+    return JobState.held
 
 
 def _record_failure(

@@ -58,6 +58,17 @@ def audit_state(session: Session, version: ModelVersion) -> AuditState:
     return AuditState(NOT_AUDITED, None, reason)
 
 
+def measured_test_accuracy(session: Session, version: ModelVersion) -> float | None:
+    """The version's test accuracy as last measured: by its training, or by its latest audit
+    (as the candidate); None when neither measured it."""
+    trained = version.details.get("test_accuracy")
+    if trained is not None:
+        return float(trained)
+    audit = latest_audit(session, version.id)
+    measured = audit.metrics.get("utility", {}).get("test", {}).get("candidate") if audit else None
+    return None if measured is None else float(measured)
+
+
 def finished_audits_of_method(
     session: Session, method: str, limit: int = 20
 ) -> list[tuple[ModelVersion, Audit]]:

@@ -4,6 +4,11 @@ State machine: queued → running → succeeded | failed | dead, and running →
 is lost or crashes while attempts remain. Every transition is a compare-and-set. ``attempts``
 counts claims and doubles as a fencing token: a worker may only heartbeat or finish the attempt it
 claimed, so a holder that lost its lease cannot overwrite the attempt that replaced it.
+
+running → held when the screen or the accuracy floor stops an unlearn job for an operator;
+held → queued (approve: the stage is not screened again) or held → failed (reject, with the
+operator's reason). A job held at promotion keeps its lineage, like a running one: its candidate
+is the lineage's next version, and a version promoted meanwhile would be lost on approval.
 """
 
 import enum
@@ -19,9 +24,20 @@ from app.ledger.clock import as_utc, utcnow
 from app.ledger.db import affected_rows
 from app.ledger.errors import NotFound, StateConflict
 from app.ledger.events import record_event
+from app.ledger.provenance import release_rollbacks
 from app.ledger.requests import transition_requests
 from app.ledger.samples import set_sample_state
-from app.ledger.tables import DeletionRequest, Job, JobKind, JobState, RequestState, SampleState
+from app.ledger.tables import (
+    DeletionRequest,
+    HoldStage,
+    Job,
+    JobKind,
+    JobState,
+    RequestState,
+    SampleState,
+    VersionState,
+)
+from app.ledger.versions import transition_version, versions_of_job
 
 DEFAULT_LINEAGE = "serving"
 FINISHED_STATES = (JobState.succeeded, JobState.failed, JobState.dead)
@@ -80,6 +96,18 @@ def get_job(session: Session, job_id: int) -> Job:
     return job
 
 
+def list_jobs(
+    session: Session, *, state: JobState | None = None, limit: int = 50, after_id: int | None = None
+) -> list[Job]:
+    """Newest first, keyset-paginated on the ID."""
+    query = select(Job).order_by(Job.id.desc()).limit(limit)
+    if state is not None:
+        query = query.where(Job.state == state)
+    if after_id is not None:
+        query = query.where(Job.id < after_id)
+    return list(session.scalars(query))
+
+
 def jobs_by_id(session: Session, job_ids: set[int]) -> dict[int, Job]:
     if not job_ids:
         return {}
@@ -117,9 +145,10 @@ def _claimable(now: datetime) -> ColumnElement[bool]:
 
 def _lineage_free_for(job_id: int) -> ColumnElement[bool]:
     other = aliased(Job)
-    return ~exists().where(
-        other.lineage == Job.lineage, other.state == JobState.running, other.id != job_id
+    holds_lineage = (other.state == JobState.running) | (
+        (other.state == JobState.held) & (other.hold_stage == HoldStage.promotion)
     )
+    return ~exists().where(other.lineage == Job.lineage, holds_lineage, other.id != job_id)
 
 
 def _lock_lineage_of(session: Session, job_id: int) -> None:
@@ -251,6 +280,15 @@ def next_queued_in_lineage(session: Session, job_id: int) -> int | None:
     return session.scalar(waiting.order_by(Job.id).limit(1))
 
 
+def first_in_line(session: Session, job_id: int) -> int:
+    """The job to run when a message asks for ``job_id``: the oldest queued job of its lineage
+    if that one is older, so jobs start in the order they were made (their requests' order)
+    even when an old job's message was lost and newer messages arrive first. The newer job waits
+    for the older one to hand the lineage over."""
+    oldest = next_queued_in_lineage(session, job_id)
+    return oldest if oldest is not None and oldest < job_id else job_id
+
+
 def sweep_stale_jobs(
     session: Session,
     *,
@@ -341,6 +379,104 @@ def coalesce_pending_requests(
     return job
 
 
+def record_screening(session: Session, job_id: int, screening: dict[str, Any]) -> None:
+    """The screen a job passed. Written in a transaction of its own, never in the job's: the
+    job's would lock the job's row until its end, and the heartbeat could not renew the lease."""
+    _cas(session, job_id, screening=screening)
+
+
+def hold_job(
+    session: Session,
+    job_id: int,
+    attempt: int,
+    *,
+    stage: HoldStage,
+    reason: str,
+    screening: dict[str, Any] | None = None,
+) -> None:
+    """running → held for an operator. The attempt did not fail, so it costs none of the job's
+    attempts; the requests stay processing (open: their deadlines still count)."""
+    values: dict[str, Any] = {"hold_stage": stage, "hold_reason": reason}
+    if screening is not None:
+        values["screening"] = screening
+    held = _cas(
+        session,
+        job_id,
+        _held_by(attempt),
+        state=JobState.held,
+        lease_until=None,
+        max_attempts=Job.max_attempts + 1,
+        **values,
+    )
+    if not held:
+        raise StateConflict(f"attempt {attempt} of job {job_id} no longer holds it")
+    record_event(
+        session,
+        actor=_ACTOR,
+        action="jobs.hold",
+        target=f"job:{job_id}",
+        outcome="held",
+        details={"stage": stage.value, "reason": reason[-1000:]},
+    )
+
+
+def _held_job(session: Session, job_id: int) -> Job:
+    job = get_job(session, job_id)
+    if job.state is not JobState.held or job.hold_stage is None:
+        raise StateConflict(f"job {job_id} is {job.state.value}, not held: nothing to decide")
+    return job
+
+
+def approve_job(session: Session, job_id: int, *, actor: str, reason: str) -> Job:
+    """held → queued; the stage it was held at is not checked again for this job. The caller
+    commits, then enqueues the job."""
+    job = _held_job(session, job_id)
+    stage = job.hold_stage
+    assert stage is not None  # _held_job
+    approved = _cas(
+        session,
+        job_id,
+        Job.state == JobState.held,
+        state=JobState.queued,
+        enqueued_at=utcnow(),
+        approved_stages=[*job.approved_stages, stage.value],
+    )
+    if not approved:
+        raise StateConflict(f"job {job_id} was decided concurrently")
+    record_event(
+        session,
+        actor=actor,
+        action="jobs.approve",
+        target=f"job:{job_id}",
+        details={"stage": stage.value, "reason": reason, "hold_reason": job.hold_reason},
+    )
+    return get_job(session, job_id)
+
+
+def reject_job(session: Session, job_id: int, *, actor: str, reason: str) -> Job:
+    """held → failed: the job's open requests fail with the operator's reason (their samples are
+    active again: nothing was erased) and a candidate held at promotion is rejected. The caller
+    commits, then enqueues ``next_queued_in_lineage``: the lineage is free again."""
+    job = _held_job(session, job_id)
+    stage = job.hold_stage
+    assert stage is not None  # _held_job
+    for candidate in versions_of_job(session, job_id):
+        if candidate.state is VersionState.auditing:  # audited, held at the floor
+            transition_version(session, candidate, {VersionState.auditing}, VersionState.rejected)
+            release_rollbacks(session, candidate.id)
+    error = f"rejected by {actor}: {reason} (held at {stage.value}: {job.hold_reason})"
+    if not _close(session, job, JobState.failed, error, Job.state == JobState.held, actor=actor):
+        raise StateConflict(f"job {job_id} was decided concurrently")
+    record_event(
+        session,
+        actor=actor,
+        action="jobs.reject",
+        target=f"job:{job_id}",
+        details={"stage": stage.value, "reason": reason, "hold_reason": job.hold_reason},
+    )
+    return get_job(session, job_id)
+
+
 def _terminal(state: JobState) -> dict[str, Any]:
     return {"state": state, "finished_at": utcnow(), "lease_until": None, "progress_detail": None}
 
@@ -351,7 +487,12 @@ def _bury(session: Session, job: Job, error: str, *conditions: ColumnElement[boo
 
 
 def _close(
-    session: Session, job: Job, state: JobState, error: str, *conditions: ColumnElement[bool]
+    session: Session,
+    job: Job,
+    state: JobState,
+    error: str,
+    *conditions: ColumnElement[bool],
+    actor: str = _ACTOR,
 ) -> bool:
     if not _cas(session, job.id, *conditions, **_terminal(state), error=error):
         return False
@@ -363,7 +504,7 @@ def _close(
         _fail_open_requests(session, job.id, error)
     record_event(
         session,
-        actor=_ACTOR,
+        actor=actor,
         action=f"jobs.{state.value}",
         target=f"job:{job.id}",
         outcome="error",

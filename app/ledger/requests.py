@@ -43,6 +43,9 @@ class JobView:
     method: str | None
     error: str | None
     progress_detail: dict[str, Any] | None = None  # (POST /forget's one statement reads none)
+    hold_stage: str | None = None
+    hold_reason: str | None = None
+    approved_stages: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, job: Job) -> "JobView":
@@ -55,6 +58,9 @@ class JobView:
             job.method,
             job.error,
             job.progress_detail,
+            job.hold_stage.value if job.hold_stage else None,
+            job.hold_reason,
+            tuple(job.approved_stages),
         )
 
 

@@ -12,6 +12,7 @@ from app.ledger.tables import (
     Audit,
     DeletionRequest,
     Job,
+    JobState,
     ModelVersion,
     RequestState,
 )
@@ -74,3 +75,13 @@ def audit_decisions(session: Session) -> dict[str, int]:
         select(Audit.decision, func.count()).where(Audit.state == "done").group_by(Audit.decision)
     )
     return {decision or "none": count for decision, count in rows}
+
+
+def held_jobs_by_stage(session: Session) -> dict[str, int]:
+    """Jobs waiting for an operator, by the stage that held them (screening, promotion)."""
+    rows = session.execute(
+        select(Job.hold_stage, func.count())
+        .where(Job.state == JobState.held)
+        .group_by(Job.hold_stage)
+    )
+    return {stage.value: count for stage, count in rows if stage is not None}

@@ -89,9 +89,15 @@ class JobKind(enum.StrEnum):
 class JobState(enum.StrEnum):
     queued = "queued"
     running = "running"
+    held = "held"  # waits for an operator's approve or reject (screening, accuracy floor)
     succeeded = "succeeded"
     failed = "failed"
     dead = "dead"
+
+
+class HoldStage(enum.StrEnum):
+    screening = "screening"  # before any model changed: the job's predicted impact
+    promotion = "promotion"  # a candidate passed its audit but fell below the accuracy floor
 
 
 class Sample(Base):
@@ -255,6 +261,12 @@ class Job(Base):
     heartbeat_at: Mapped[datetime | None]
     lease_until: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    # The planning-time screen of an unlearn job: its figures, the policy and each rule's outcome.
+    screening: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # The current (state held) or last hold, and the stages an operator approved.
+    hold_stage: Mapped[HoldStage | None] = mapped_column(_enum(HoldStage))
+    hold_reason: Mapped[str | None] = mapped_column(Text)
+    approved_stages: Mapped[list[Any]] = mapped_column(default=list)
 
 
 class Audit(Base):

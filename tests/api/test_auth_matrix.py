@@ -38,7 +38,10 @@ PROTECTED = [
     ("POST", "/models/{version}/promote", "/models/v1/promote", {"reason": "t"}, "models:admin"),
     ("POST", "/models/{version}/retire", "/models/v1/retire", {"reason": "t"}, "models:admin"),
     ("POST", "/train", "/train", {"epochs": 1}, "models:admin"),
+    ("GET", "/jobs", "/jobs", None, "status:read"),
     ("GET", "/jobs/{job_id}", "/jobs/1", None, "status:read"),
+    ("POST", "/jobs/{job_id}/approve", "/jobs/1/approve", {"reason": "t"}, "models:admin"),
+    ("POST", "/jobs/{job_id}/reject", "/jobs/1/reject", {"reason": "t"}, "models:admin"),
     ("GET", "/stats", "/stats", None, "status:read"),
 ]
 PUBLIC = ["/healthz", "/readyz", "/certificates/public-key"]

@@ -6,6 +6,7 @@ operator's would be. Nothing here is a fixture (see conftest.py), so ``bench/`` 
 
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import time
@@ -15,13 +16,20 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 import redis
 from sqlalchemy import Engine
 
 from app.ledger.db import make_engine
 from app.settings import Settings
 from tests.conftest import POSTGRES_ADMIN_URL
-from tests.integration.servers import PROJECT_ROOT, Server, fresh_postgres_database, service_env
+from tests.integration.servers import (
+    PROJECT_ROOT,
+    Server,
+    free_port,
+    fresh_postgres_database,
+    service_env,
+)
 
 REDIS_URL = os.environ.get("LETHE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 # Short enough for tests; the invariants between them are those of production.
@@ -147,3 +155,38 @@ def _delete_keys(url: str, prefix: str) -> None:
             client.delete(*keys)
     except redis.RedisError:
         pass  # a private Redis that a test already stopped
+
+
+@contextmanager
+def private_redis(stack: Stack) -> Iterator[Callable[[], None]]:
+    """A Redis of this test's own, so that restarting it disturbs nobody else's tests; yields a
+    function that restarts it empty (no persistence), as a crashed broker comes back."""
+    executable = shutil.which("redis-server")
+    if executable is None:
+        pytest.skip("redis-server is not installed")
+    port = free_port()
+    command = [executable, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+               "--appendonly", "no", "--dir", str(stack.home)]  # fmt: skip
+    stack.env["LETHE_BROKER_URL"] = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis(port=port, socket_connect_timeout=1)
+    running: list[Server] = []
+
+    def start() -> None:
+        process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL)
+        running.append(Server(process, base_url="", log_path=stack.home / "redis.log"))
+        stack.processes.append(running[-1])  # killed with the rest at teardown
+        wait_for(lambda: _pings(client), 10, "redis-server")
+
+    def restart() -> None:
+        running[-1].kill()
+        start()
+
+    start()
+    yield restart
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False

@@ -7,17 +7,13 @@ processes started with ``LETHE_ALLOW_TEST_FAULTS=1`` honour.
 """
 
 import os
-import shutil
 import signal
-import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import pytest
-import redis
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -37,8 +33,7 @@ from app.ledger.tables import (
     TrainingRun,
     VersionState,
 )
-from tests.integration.servers import Server, free_port
-from tests.integration.stack import Stack, pool_processes, wait_for
+from tests.integration.stack import Stack, pool_processes, private_redis, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.postgres]
 
@@ -203,41 +198,6 @@ def test_a_job_that_always_crashes_ends_dead_with_its_requests_failed(stack: Sta
         for request in failed:  # the operator sees why
             assert request.error is not None and "gave up after 3 attempt(s)" in request.error
             assert "WorkerLostError" in request.error
-
-
-@contextmanager
-def private_redis(stack: Stack) -> Iterator[Callable[[], None]]:
-    """A Redis of this test's own, so that restarting it disturbs nobody else's tests; yields a
-    function that restarts it empty (no persistence), as a crashed broker comes back."""
-    executable = shutil.which("redis-server")
-    if executable is None:
-        pytest.skip("redis-server is not installed")
-    port = free_port()
-    command = [executable, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-               "--appendonly", "no", "--dir", str(stack.home)]  # fmt: skip
-    stack.env["LETHE_BROKER_URL"] = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis(port=port, socket_connect_timeout=1)
-    running: list[Server] = []
-
-    def start() -> None:
-        process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL)
-        running.append(Server(process, base_url="", log_path=stack.home / "redis.log"))
-        stack.processes.append(running[-1])  # killed with the rest at teardown
-        wait_for(lambda: _pings(client), 10, "redis-server")
-
-    def restart() -> None:
-        running[-1].kill()
-        start()
-
-    start()
-    yield restart
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.ConnectionError:
-        return False
 
 
 def test_redis_restarted_mid_flight_every_accepted_job_completes(stack: Stack) -> None:

@@ -14,12 +14,20 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.ledger.db import make_engine, open_session
-from app.ledger.jobs import coalesce_pending_requests, requests_of_job
+from app.ledger.jobs import (
+    approve_job,
+    claim_job,
+    coalesce_pending_requests,
+    get_job,
+    hold_job,
+    requests_of_job,
+)
 from app.ledger.provenance import rolled_back_steps, step_deltas, steps_of_samples
 from app.ledger.requests import file_requests
 from app.ledger.samples import sample_ids, samples_by_id
 from app.ledger.tables import (
     AliasHistory,
+    HoldStage,
     Job,
     ModelVersion,
     RequestState,
@@ -27,12 +35,13 @@ from app.ledger.tables import (
     Split,
     VersionState,
 )
-from app.ledger.versions import alias_target
+from app.ledger.versions import alias_target, versions_of_job
 from app.settings import Settings
 from tests.unit.worker_support import digits_store, ledger_session
 from worker import forgetting
 from worker.audit import prepare_audits
 from worker.data import load_samples
+from worker.pipeline import JobHeld
 from worker.store import ArtifactStore
 from worker.training import TrainConfig, train_first_version
 
@@ -282,3 +291,45 @@ def test_erasing_a_reference_pool_sample_purges_the_audit_models_that_learned_it
     prepare_audits(ledger.session, store, serving, CPU)
     (manifest,) = [k for k in store.list("audits/references") if k.endswith("manifest.json")]
     assert pool_id not in store.get_json(manifest)["pool"]
+
+
+def test_a_job_over_the_screening_policy_is_held_before_any_model_changes(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LETHE_SCREEN_MAX_CLASS_SHARE", "0.01")  # one digit of ~90: held
+    job = ledger.forget(ledger.train_ids(2, offset=60))
+    with pytest.raises(JobHeld) as held:
+        forgetting.run_unlearn_job(ledger.session, job, lambda _: None, ledger.settings)
+    ledger.session.rollback()
+    assert held.value.stage is HoldStage.screening and "class_share" in str(held.value.screening)
+    assert versions_of_job(ledger.session, job.id) == []
+
+
+def test_a_candidate_below_the_accuracy_floor_is_held_then_served_on_approval(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LETHE_SCREEN_FLOOR_MIN_TEST_ACCURACY", "0.9999")  # none reaches it
+    session = ledger.session
+    parent = alias_target(session)
+    job = ledger.forget(ledger.train_ids(1, offset=70))
+    claim_job(session, job.id, lease_seconds=600)
+    session.commit()
+    with pytest.raises(JobHeld) as held:
+        forgetting.run_unlearn_job(session, job, lambda _: None, ledger.settings)
+    session.rollback()
+    assert held.value.stage is HoldStage.promotion and "below the floor" in held.value.reason
+    (candidate,) = versions_of_job(session, job.id)  # committed: it waits for the operator
+    assert candidate.state is VersionState.auditing and alias_target(session) == parent
+    assert {r.state for r in requests_of_job(session, job.id)} == {RequestState.processing}
+
+    hold_job(session, job.id, 1, stage=held.value.stage, reason=held.value.reason)
+    approve_job(session, job.id, actor="key:9:ops", reason="the drop is test-set noise")
+    claim_job(session, job.id, lease_seconds=600)
+    session.commit()
+    assert ledger.run(get_job(session, job.id)) == candidate.method  # no rung is run again
+
+    assert alias_target(session) == candidate
+    assert versions_of_job(session, job.id) == [candidate]
+    requests = requests_of_job(session, job.id)
+    assert {r.state for r in requests} == {RequestState.completed}
+    assert all(r.certificate is not None for r in requests)

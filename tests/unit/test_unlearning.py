@@ -233,7 +233,7 @@ def test_planner_reports_the_share_and_climbs_the_ladder(ctx: Trained) -> None:
     assert [rung.method for rung in generous.ladder] == list(LADDER)
     assert generous.method == "amnesiac" and strict.method == "retrain-exact"
     drops = [rung.predicted_test_drop_points for rung in generous.ladder]
-    assert drops[0] > drops[1] > 0 == drops[3]
+    assert drops[0] > drops[1] > 0 and 0 < drops[3] < 0.01  # one sample: exact retraining ~0
 
 
 def members_of_run(session: Session, run_id: int | None, ids: list[str]) -> set[str]:

@@ -14,6 +14,14 @@ lot between runs (an earlier benchmark: 10 samples cost 1.5 to 6.3 points on one
 -0.7 to 1.5 on another). So once the data set has audited relabel candidates, the planner
 uses their median observed rate instead of the default: a rung that keeps failing the accuracy
 rule stops being tried first.
+
+Exact retraining's drop is that of the model trained without the samples: a learning curve per
+class. A class that keeps a share f of the samples the serving model learned from has its error
+e grow to e / f^k, capped at losing the whole class (f = 0); e is the serving version's measured
+test error. Exact retraining trains on the active samples only, so the samples other jobs are
+erasing are left out too: f counts them. bench/bench_screening.py measures exact retrains of
+digits against it (docs/benchmarks/screening.md). The screen (worker/screening.py) holds a job
+whose predicted drop is too large, whatever rung it would take.
 """
 
 import statistics
@@ -24,7 +32,8 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 from sqlalchemy.orm import Session
 
-from app.ledger.audits import finished_audits_of_method
+from app.ledger.audits import finished_audits_of_method, measured_test_accuracy
+from app.ledger.impact import ClassCount, class_counts
 from app.ledger.provenance import StepRef
 from app.ledger.samples import sample_ids
 from app.ledger.tables import ModelVersion, SampleState, Split
@@ -59,6 +68,25 @@ class PlannerPolicy(PolicySettings):
         ge=0,
         description="Relabel's predicted drop per share of training samples relabelled, until "
         "the data set's relabel audits say otherwise",
+    )
+    retrain_error_exponent: float = Field(
+        default=1.5,
+        gt=0,
+        description="Exact retraining's predicted error: the class's error divided by its kept "
+        "share to this power (a learning curve; bench/bench_screening.py)",
+    )
+    assumed_test_error: float = Field(
+        default=0.05,
+        gt=0,
+        lt=1,
+        description="The error assumed when the serving version's accuracy was never measured",
+    )
+    min_test_error: float = Field(
+        default=0.01,
+        gt=0,
+        lt=1,
+        description="The least error assumed: a test set of a few hundred samples cannot show a "
+        "smaller one",
     )
 
 
@@ -111,7 +139,11 @@ def plan(
         "amnesiac": rollback_drop,
         "amnesiac+repair": rollback_drop * policy.repair_remaining_share,
         "relabel": relabel_rate * forget_share,
-        "retrain-exact": 0.0,
+        "retrain-exact": exact_retrain_drop(
+            class_counts(session, rollback.dataset, forget_ids),
+            measured_test_accuracy(session, parent),
+            policy,
+        ),
     }
     return Plan(
         affected_steps=rollback.steps,
@@ -145,3 +177,22 @@ def observed_relabel_rates(session: Session, dataset: str, active: int) -> list[
         if version.details.get("dataset") == dataset and drop is not None and forgotten:
             rates.append(max(0.0, float(drop)) * active / forgotten)
     return rates
+
+
+def exact_retrain_drop(
+    classes: Sequence[ClassCount], test_accuracy: float | None, policy: PlannerPolicy
+) -> float:
+    """Test accuracy points the model retrained without the forget set is predicted to lose:
+    each class weighs by its share of the training data, and the test set is assumed to follow
+    the training set's class mix."""
+    error = policy.assumed_test_error if test_accuracy is None else max(0.0, 1.0 - test_accuracy)
+    error = max(error, policy.min_test_error)
+    kept = sum(c.kept for c in classes)
+    lost = 0.0
+    for c in classes:
+        if c.kept <= 0:
+            continue
+        share = max(0, c.train - c.removed) / c.kept  # without every sample being erased
+        grown = error / share**policy.retrain_error_exponent if share > 0 else 1.0
+        lost += c.kept / kept * (min(1.0, grown) - error)
+    return 100 * max(0.0, lost)
