@@ -83,7 +83,7 @@ def run_unlearn_job(
             purge_and_certify(session, store, job, untrained, settings)
             session.commit()
         if trained:
-            screen_job(session, job, trained, settings)  # JobHeld above the screening policy
+            screen_job(session, job, trained)  # JobHeld above the screening policy
             forget(session, store, job, parent, trained, within(progress, 0, 90), settings)
             session.commit()  # the promotion is durable before anything is erased
     uncertified = [

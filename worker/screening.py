@@ -36,7 +36,6 @@ from app.ledger.tables import (
     VersionState,
 )
 from app.ledger.versions import alias_target, transition_version, versions_of_job
-from app.settings import Settings
 from worker.config import PolicySettings
 from worker.pipeline import JobHeld
 from worker.unlearning.planner import LADDER, plan
@@ -48,8 +47,8 @@ class ScreenPolicy(PolicySettings):
 
     max_predicted_drop_points: float | None = Field(
         default=2.0,
-        description="Hold a job whose predicted test accuracy drop (the planner's, for the rung "
-        "it would start on, and never less than exact retraining's) exceeds this",
+        description="Hold a job whose predicted test accuracy drop exceeds this: exact "
+        "retraining's, the last rung and the only one the gate's accuracy rule does not bind",
     )
     max_class_share: float | None = Field(
         default=0.10,
@@ -142,14 +141,14 @@ def screen(
     parent: ModelVersion,
     forget_ids: Sequence[str],
     policy: ScreenPolicy,
-    *,
-    ladder_start: str = "",
 ) -> Screening:
-    """Every rule of ``policy`` on the job's forget set against the serving version ``parent``."""
+    """Every rule of ``policy`` on the job's forget set against the serving version ``parent``.
+    The predicted drop is exact retraining's: the earlier rungs' candidates serve only if the
+    gate's accuracy rule finds them no worse than the parent, so the drop a job can cause
+    without an operator is the last rung's."""
     planned = plan(session, parent, forget_ids)
-    method = ladder_start or planned.method
     predictions = {rung.method: rung.predicted_test_drop_points for rung in planned.ladder}
-    predicted = max(predictions[method], predictions[LADDER[-1]])
+    predicted = predictions[LADDER[-1]]
     classes = class_counts(session, parent.details["dataset"], forget_ids)
     keys = requests_by_key(session, job_id)
     since = utcnow() - timedelta(hours=policy.key_quota_window_hours)
@@ -160,8 +159,7 @@ def screen(
             "predicted_test_drop",
             predicted,
             policy.max_predicted_drop_points,
-            f"predicted test accuracy drop {predicted:.1f} points ({method}; exact retraining "
-            f"{predictions[LADDER[-1]]:.1f})",
+            f"predicted test accuracy drop {predicted:.1f} points (exact retraining)",
         ),
         _class_share(classes, policy),
         _dataset_share(classes, policy),
@@ -183,7 +181,7 @@ def screen(
     figures = {
         "samples": len(forget_ids),
         "training_samples": samples,
-        "method": method,
+        "method": planned.method,
         "predicted_test_drop_points": predictions,
         "classes": [asdict(c) for c in classes],
         "requests_by_key": keys,
@@ -247,18 +245,14 @@ def _quota(rule: str, counts: dict[str, int], quota: int | None, window: str) ->
     return _check(rule, counts[top], quota, figure)
 
 
-def screen_job(
-    session: Session, job: Job, requests: Sequence[DeletionRequest], settings: Settings
-) -> None:
+def screen_job(session: Session, job: Job, requests: Sequence[DeletionRequest]) -> None:
     """At the start of an unlearn job: records the screen on the job, or raises JobHeld when it
     exceeds the policy. A job screened once (or approved after a hold) is not screened again."""
     parent = alias_target(session)
     if parent is None or job.screening is not None or HoldStage.screening in job.approved_stages:
         return
     forget_ids = sorted({r.sample_id for r in requests})
-    screening = screen(
-        session, job.id, parent, forget_ids, ScreenPolicy(), ladder_start=settings.ladder_start
-    )
+    screening = screen(session, job.id, parent, forget_ids, ScreenPolicy())
     if screening.held:
         raise JobHeld(HoldStage.screening, screening.reason, screening.to_dict())
     engine = session.get_bind()

@@ -465,7 +465,8 @@ def reject_job(session: Session, job_id: int, *, actor: str, reason: str) -> Job
             transition_version(session, candidate, {VersionState.auditing}, VersionState.rejected)
             release_rollbacks(session, candidate.id)
     error = f"rejected by {actor}: {reason} (held at {stage.value}: {job.hold_reason})"
-    if not _close(session, job, JobState.failed, error, Job.state == JobState.held, actor=actor):
+    held = Job.state == JobState.held
+    if not _close(session, job, JobState.failed, error, held, actor=actor, split_requests=False):
         raise StateConflict(f"job {job_id} was decided concurrently")
     record_event(
         session,
@@ -493,10 +494,14 @@ def _close(
     error: str,
     *conditions: ColumnElement[bool],
     actor: str = _ACTOR,
+    split_requests: bool = True,
 ) -> bool:
+    """→ ``state`` where ``conditions`` hold. A failure of several open requests splits them
+    into jobs of their own (one request's failure never fails the others), unless the failure is
+    a decision about all of them (an operator's rejection)."""
     if not _cas(session, job.id, *conditions, **_terminal(state), error=error):
         return False
-    split = _split_open_requests(session, job)
+    split = _split_open_requests(session, job) if split_requests else []
     if split:
         error = f"{error}; its requests go on alone, in jobs {', '.join(map(str, split))}"
         _cas(session, job.id, error=error)

@@ -21,6 +21,7 @@ Then: samples no model trained on, a corrupt delta, a rollback whose deltas were
 verify-erasure catching what is left and a forged certificate.
 """
 
+import json
 import os
 import shutil
 import subprocess
@@ -140,8 +141,28 @@ class Deployment:
         return job.id
 
 
+# These tests are about the purge: the job screen and the accuracy floor are off (several fake
+# the audit, which then measures no accuracy for the floor to read).
+NO_SCREEN = {
+    "screen": {
+        "max_predicted_drop_points": None,
+        "max_class_share": None,
+        "max_dataset_share": None,
+        "max_class_lift": None,
+        "key_quota_per_window": None,
+        "key_quota_total": None,
+        "floor_max_drop_points": None,
+    }
+}
+
+
 @pytest.fixture
-def deployment(template: Template, tmp_path: Path) -> Iterator[Deployment]:
+def deployment(
+    template: Template, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Deployment]:
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps(NO_SCREEN))
+    monkeypatch.setenv("LETHE_POLICY_FILE", str(policy))
     name = f"lethe_erasure_{uuid.uuid4().hex[:12]}"
     url = _create_database(name, template.database)
     home = tmp_path / "home"

@@ -299,7 +299,7 @@ def test_a_job_over_the_screening_policy_is_held_before_any_model_changes(
     monkeypatch.setenv("LETHE_SCREEN_MAX_CLASS_SHARE", "0.01")  # one digit of ~90: held
     job = ledger.forget(ledger.train_ids(2, offset=60))
     with pytest.raises(JobHeld) as held:
-        forgetting.run_unlearn_job(ledger.session, job, lambda _: None, ledger.settings)
+        forgetting.run_unlearn_job(ledger.session, job, lambda *_: None, ledger.settings)
     ledger.session.rollback()
     assert held.value.stage is HoldStage.screening and "class_share" in str(held.value.screening)
     assert versions_of_job(ledger.session, job.id) == []
@@ -315,7 +315,7 @@ def test_a_candidate_below_the_accuracy_floor_is_held_then_served_on_approval(
     claim_job(session, job.id, lease_seconds=600)
     session.commit()
     with pytest.raises(JobHeld) as held:
-        forgetting.run_unlearn_job(session, job, lambda _: None, ledger.settings)
+        forgetting.run_unlearn_job(session, job, lambda *_: None, ledger.settings)
     session.rollback()
     assert held.value.stage is HoldStage.promotion and "below the floor" in held.value.reason
     (candidate,) = versions_of_job(session, job.id)  # committed: it waits for the operator

@@ -34,7 +34,6 @@ from app.ledger.tables import (
     VersionState,
 )
 from app.ledger.versions import alias_target, create_version, promote
-from app.settings import Settings
 from tests.api.conftest import _truncate_all as truncate_all
 from worker.screening import Screening, ScreenPolicy, floor_breach, screen, screen_job
 from worker.unlearning.planner import PlannerPolicy, exact_retrain_drop
@@ -315,7 +314,7 @@ def test_screening_leaves_the_jobs_row_to_the_heartbeat(postgres_url: str) -> No
         claim_job(session, job.id, lease_seconds=60)
         session.commit()
         job = get_job(session, job.id)
-        screen_job(session, job, requests_of_job(session, job.id), Settings())
+        screen_job(session, job, requests_of_job(session, job.id))
         session.flush()  # as the job's next query would
         with engine.connect() as other:
             other.execute(text("SET lock_timeout = '2s'"))
