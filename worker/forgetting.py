@@ -37,11 +37,16 @@ from app.ledger.tables import (
 from app.ledger.versions import alias_target, promote, transition_version, versions_of_job
 from app.settings import Settings
 from worker.audit import GatePolicy, run_audit
-from worker.audit.gate import AuditDecision
+from worker.audit.gate import EXACT_RETRAINING, AuditDecision
 from worker.devices import resolve_device
 from worker.erasure import purge_and_certify
 from worker.progress import Progress, within
-from worker.screening import held_candidate, hold_below_floor, screen_job
+from worker.screening import (
+    held_candidate,
+    hold_below_floor,
+    hold_failed_exact_retraining,
+    screen_job,
+)
 from worker.store import ArtifactStore, IntegrityError
 from worker.unlearning import LADDER, MethodOptions, plan, unlearn
 
@@ -154,6 +159,8 @@ def forget(
         if rung.decision == AuditDecision.passed:
             candidate.details = {**candidate.details, "ladder_notes": notes}
             return _promote(session, job, candidate, requests, tried)
+        if method == EXACT_RETRAINING:
+            hold_failed_exact_retraining(session, job, candidate, rung.failed_rules)
         session.commit()  # the rejected candidate and its audit stay for the operator to read
     raise LadderExhausted(
         "every rung failed: "
@@ -236,7 +243,7 @@ def _try_rung(
         within(progress, 50, 100, "audit"),
         job_id=job.id,
     )
-    if not audit.passed:
+    if not audit.passed and method != EXACT_RETRAINING:  # exact retraining goes to an operator
         transition_version(session, candidate, {VersionState.auditing}, VersionState.rejected)
         release_rollbacks(session, candidate.id)  # a later rung may subtract those steps
         record_event(

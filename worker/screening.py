@@ -295,16 +295,34 @@ def hold_below_floor(session: Session, job: Job, candidate: ModelVersion) -> Non
     )
 
 
+def hold_failed_exact_retraining(
+    session: Session, job: Job, candidate: ModelVersion, failed_rules: Sequence[str]
+) -> None:
+    """Exact retraining, the last rung, failed the gate: the candidate and its audit are
+    committed and the job held for an operator, not failed. The model never saw the samples, so
+    a failed membership or two-version rule is either the gate's own false alarm (each rule
+    fails a model that never saw F at its policy level, a few percent of forget sets) or a sign
+    that something else in the data still carries them (a near-duplicate): an operator reads
+    the audit and approves (the candidate serves) or rejects (the requests fail)."""
+    session.commit()
+    raise JobHeld(
+        HoldStage.promotion,
+        f"candidate {candidate.version} (exact retraining, the last rung) failed the gate's "
+        f"{', '.join(failed_rules)}: a model retrained without the samples fails it at the "
+        "policy's level by chance; read its audit, then approve or reject",
+    )
+
+
 def held_candidate(
     session: Session, job: Job, parent: ModelVersion
 ) -> tuple[ModelVersion, Audit] | None:
-    """The job's candidate that passed its audit and was held at the floor by an earlier
-    attempt, to promote now. If another version serves since (an operator promoted one by
-    hand), the candidate no longer fits: it is rejected and its steps released, and the ladder
-    runs again from the serving version."""
+    """The job's candidate an earlier attempt held at promotion (one that passed its audit
+    but not the floor, or an exact retrain that failed the gate), to promote now. If another
+    version serves since (an operator promoted one by hand), the candidate no longer fits: it
+    is rejected and its steps released, and the ladder runs again from the serving version."""
     for version in versions_of_job(session, job.id):
         audit = latest_audit(session, version.id)
-        if version.state is not VersionState.auditing or audit is None or audit.decision != "pass":
+        if version.state is not VersionState.auditing or audit is None:
             continue
         if version.parent_id == parent.id:
             return version, audit

@@ -333,3 +333,38 @@ def test_a_candidate_below_the_accuracy_floor_is_held_then_served_on_approval(
     requests = requests_of_job(session, job.id)
     assert {r.state for r in requests} == {RequestState.completed}
     assert all(r.certificate is not None for r in requests)
+
+
+def test_exact_retraining_that_fails_the_gate_is_held_for_an_operator_not_failed(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last rung trains without the samples; its audit failing is the gate's false alarm
+    (a few percent of forget sets) or a sign of a near-duplicate: an operator decides. Failing
+    the request would leave the sample unerasable."""
+    real_audit = forgetting.run_audit
+    monkeypatch.setattr(
+        forgetting,
+        "run_audit",
+        lambda *a, **k: replace(real_audit(*a, **k), passed=False, decision="fail"),
+    )
+    session = ledger.session
+    settings = ledger.settings.model_copy(update={"ladder_start": "retrain-exact"})
+    job = ledger.forget(ledger.train_ids(1, offset=80))
+    claim_job(session, job.id, lease_seconds=600)
+    session.commit()
+    with pytest.raises(JobHeld) as held:
+        forgetting.run_unlearn_job(session, job, lambda *_: None, settings)
+    session.rollback()
+    assert held.value.stage is HoldStage.promotion and "exact retraining" in held.value.reason
+    (candidate,) = versions_of_job(session, job.id)
+    assert candidate.state is VersionState.auditing
+    assert {r.state for r in requests_of_job(session, job.id)} == {RequestState.processing}
+
+    hold_job(session, job.id, 1, stage=held.value.stage, reason=held.value.reason)
+    approve_job(session, job.id, actor="key:9:ops", reason="read the audit: a false alarm")
+    claim_job(session, job.id, lease_seconds=600)
+    session.commit()
+    assert forgetting.run_unlearn_job(session, get_job(session, job.id), lambda *_: None, settings)
+    session.commit()
+    assert alias_target(session) == candidate
+    assert {r.state for r in requests_of_job(session, job.id)} == {RequestState.completed}
