@@ -45,6 +45,7 @@ from app.ledger.tables import Audit, ModelVersion, Split, VersionState
 from app.ledger.versions import alias_target
 from app.settings import Settings
 from worker import forgetting
+from worker.pipeline import JobHeld
 from worker.audit import prepare_audits, run_audit, run_baseline_audit
 from worker.data import SampleSet, ingest, load_samples, load_split, open_source
 from worker.nets import ModelSpec, build_model
@@ -206,7 +207,7 @@ def audit_retrains(
 
 def run_job(home: Path, forget: list[str], start: str) -> tuple[ModelVersion | None, float]:
     """The real unlearn job from ``start``; returns the promoted version (None if the ladder
-    failed) and the job's wall seconds."""
+    failed or the job was held for an operator) and the job's wall seconds."""
     settings = Settings(home=home, ladder_start=start)
     with ledger(home) as (session, _, _):
         file_requests(session, forget, actor="bench", note=None, deadline_days=30)
@@ -219,8 +220,9 @@ def run_job(home: Path, forget: list[str], start: str) -> tuple[ModelVersion | N
         try:
             forgetting.run_unlearn_job(session, job, lambda *_: None, settings)
             session.commit()
-        except forgetting.LadderExhausted:
+        except (forgetting.LadderExhausted, JobHeld) as stopped:  # failed, or for an operator
             session.rollback()
+            print(f"not served: {stopped}", flush=True)
             return None, time.perf_counter() - started
         seconds = time.perf_counter() - started
         promoted = alias_target(session)
@@ -315,8 +317,8 @@ def summary(results: list[ConfigResult]) -> str:
             for start in dict.fromkeys(t.start for t in result.trials):
                 cell = [t for t in result.trials if t.size == size and t.start == start]
                 served = ", ".join(
-                    f"{m} {sum((t.served_by or 'failed') == m for t in cell)}"
-                    for m in dict.fromkeys(t.served_by or "failed" for t in cell)
+                    f"{m} {sum((t.served_by or 'not served') == m for t in cell)}"
+                    for m in dict.fromkeys(t.served_by or "not served" for t in cell)
                 )
                 flagged = sum(bool(t.distinguishable) for t in cell)
                 seconds = np.mean([t.job_seconds for t in cell])
