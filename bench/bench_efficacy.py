@@ -45,10 +45,10 @@ from app.ledger.tables import Audit, ModelVersion, Split, VersionState
 from app.ledger.versions import alias_target
 from app.settings import Settings
 from worker import forgetting
-from worker.pipeline import JobHeld
 from worker.audit import prepare_audits, run_audit, run_baseline_audit
 from worker.data import SampleSet, ingest, load_samples, load_split, open_source
 from worker.nets import ModelSpec, build_model
+from worker.pipeline import JobHeld
 from worker.store import ArtifactStore
 from worker.training import (
     TrainConfig,
