@@ -52,7 +52,24 @@ class TrainConfig:
     def total_steps(self, num_samples: int) -> int:
         if self.max_steps is not None:
             return self.max_steps
-        return math.ceil(num_samples / self.batch_size) * self.epochs
+        return batches_per_epoch(num_samples, self.batch_size) * self.epochs
+
+
+def batches_per_epoch(num_samples: int, batch_size: int) -> int:
+    """A remainder of less than half a batch joins the last full batch (see ``epoch_batches``)."""
+    full, remainder = divmod(num_samples, batch_size)
+    return max(1, full + (remainder * 2 >= batch_size))
+
+
+def epoch_batches(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """One epoch's batches, in ``order``. A remainder of less than half a batch joins the last
+    full batch instead of being a step of its own: a step on 2 samples (898 digits in batches of
+    64) updates BatchNorm's running statistics from 2 samples, and 3 of 12 seeds of the default
+    run ended near 87% test accuracy instead of 99%."""
+    batches = list(order.split(batch_size))
+    if len(batches) > 1 and len(batches[-1]) * 2 < batch_size:
+        batches[-2:] = [torch.cat(batches[-2:])]
+    return batches
 
 
 @dataclass(frozen=True)
@@ -224,7 +241,9 @@ def train(
     step, loss = 0, torch.tensor(math.nan)
     try:
         while step < total:
-            for batch in torch.randperm(len(data), generator=order).split(config.batch_size):
+            for batch in epoch_batches(
+                torch.randperm(len(data), generator=order), config.batch_size
+            ):
                 if step == total:
                     break
                 loss = optimisation_step(model, optimizer, data, batch.to(device))

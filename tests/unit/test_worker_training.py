@@ -24,6 +24,8 @@ from worker.progress import Step
 from worker.store import ArtifactStore, IntegrityError, sha256_hex
 from worker.training import (
     TrainConfig,
+    accuracy,
+    epoch_batches,
     load_model,
     train,
     train_first_version,
@@ -79,7 +81,7 @@ def test_every_step_records_its_batch_and_its_delta(session: Session, store: Art
         dataset="digits",
         spec=SPEC,
     )
-    per_epoch = -(-len(data) // SHORT.batch_size)
+    per_epoch = len(epoch_batches(torch.arange(len(data)), SHORT.batch_size))
     assert run.steps == get_run(session, run.run_id).num_steps == 2 * per_epoch
     seen = Counter(session.scalars(select(StepMembership.sample_id)))
     assert seen == dict.fromkeys(data.sample_ids, 2)  # each sample once per epoch
@@ -209,3 +211,29 @@ def test_store_round_trips_tensors_and_verifies_them(tmp_path: Path, dtype: torc
     assert store.list("") == ["mixed.safetensors", "same.safetensors"]
     with pytest.raises(IntegrityError):
         store.get_tensors("same.safetensors", CPU, expected_sha256="0" * 64)
+
+
+@pytest.mark.parametrize(("samples", "batch_size", "sizes"), [(898, 64, [64] * 13 + [66]),
+                                                            (90, 64, [90]), (96, 64, [64, 32]),
+                                                            (10, 64, [10])])  # fmt: skip
+def test_an_epoch_never_steps_on_a_remainder_of_less_than_half_a_batch(
+    samples: int, batch_size: int, sizes: list[int]
+) -> None:
+    batches = epoch_batches(torch.randperm(samples), batch_size)
+    assert [len(b) for b in batches] == sizes
+    assert sorted(torch.cat(batches).tolist()) == list(range(samples))  # each sample once
+    assert TrainConfig(epochs=3, batch_size=batch_size).total_steps(samples) == 3 * len(sizes)
+
+
+def test_the_default_run_is_stable_across_seeds(session: Session, store: ArtifactStore) -> None:
+    """Seeds 3, 6 and 10 of the API's default run (SGD, lr 0.05, batch 64, 10 epochs) ended at
+    87% test accuracy when the epoch's 2-sample remainder was a step of its own (BatchNorm's
+    running statistics from 2 samples); with it joined to the last batch they reach 98-99%. The
+    bound, 95%, sits between the two."""
+    train_split = load_split(session, store, "digits", Split.train)
+    test_split = load_split(session, store, "digits", Split.test)
+    for seed in (3, 6, 10):
+        model = build_model(ModelSpec("small-cnn", 1, 10), seed=seed)
+        config = TrainConfig(epochs=10, batch_size=64, optimizer="sgd", lr=0.05, seed=seed)
+        train(model, train_split, config, CPU)
+        assert accuracy(model, test_split, CPU) > 0.95, seed
