@@ -23,9 +23,10 @@ import uvicorn
 
 from app.ledger.clock import utcnow
 from app.ledger.db import make_engine, session_scope
+from app.ledger.filing import file_requests
 from app.ledger.jobs import coalesce_pending_requests, requests_of_job
 from app.ledger.keys import create_key
-from app.ledger.requests import file_requests, transition_requests
+from app.ledger.requests import transition_requests
 from app.ledger.samples import SampleRecord, register_samples
 from app.ledger.tables import Audit, RequestState, Split, VersionState
 from app.ledger.versions import create_version, promote
