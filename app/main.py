@@ -71,7 +71,9 @@ def create_app(
     )
     app.state.settings = settings
     app.state.engine = engine
-    app.state.key_verifier = KeyVerifier(engine, settings.api_key_cache_seconds)
+    app.state.key_verifier = KeyVerifier(
+        engine, settings.api_key_cache_seconds, settings.api_key_refusals_cached
+    )
     app.state.intakes = {}  # engine -> Intake, see app.api.deps.intake
     app.state.rate_limiter = rate_limiter = RateLimiter(settings)
     app.state.enqueue = enqueue or _default_enqueue(settings)

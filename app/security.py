@@ -28,11 +28,10 @@ class KeyVerifier:
     time or forget_cached() empties, unknown and revoked ones in a bounded LRU, so that any
     number of bogus keys can never push a valid key out and send its calls to the database."""
 
-    REFUSED_CACHED = 10_000
-
-    def __init__(self, engine: Engine, cache_seconds: float) -> None:
+    def __init__(self, engine: Engine, cache_seconds: float, refusals_cached: int) -> None:
         self._engine = engine
         self._cache_seconds = cache_seconds
+        self._refusals_cached = refusals_cached
         self._valid: dict[str, tuple[float, Principal]] = {}
         self._refused: OrderedDict[str, float] = OrderedDict()
         self._lock = Lock()
@@ -66,7 +65,7 @@ class KeyVerifier:
                 self._valid.pop(digest, None)  # revoked
                 self._refused[digest] = until
                 self._refused.move_to_end(digest)
-                if len(self._refused) > self.REFUSED_CACHED:
+                if len(self._refused) > self._refusals_cached:
                     self._refused.popitem(last=False)
         return principal
 

@@ -9,35 +9,32 @@ uvicorn's httptools protocol with both bounds; `lethe serve`, the demo and the t
 """
 
 import asyncio
-import json
 from http import HTTPStatus
 from typing import Any
 
+from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from app.api.errors import problem
 from app.settings import get_settings
 
 HTTP_PROTOCOL = "app.server:GuardedHttpToolsProtocol"
 
 
 def refusal(status: int, detail: str) -> bytes:
-    """A whole problem+json answer that closes the connection, written before any app runs."""
-    body = json.dumps(
-        {
-            "type": "about:blank",
-            "title": HTTPStatus(status).phrase,
-            "status": status,
-            "detail": detail,
-            "instance": "",
-        }
-    ).encode()
-    head = (
-        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
-        "content-type: application/problem+json\r\n"
-        f"content-length: {len(body)}\r\n"
-        "connection: close\r\n\r\n"
-    )
-    return head.encode("latin-1") + body
+    """A whole problem+json answer that closes the connection, written with no app involved."""
+    answer = problem(status, detail, "", {"Connection": "close"})
+    head = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}".encode("latin-1")]
+    head += [name + b": " + value for name, value in answer.raw_headers]
+    return b"\r\n".join([*head, b"", answer.body])
+
+
+def _head_too_large(limit: int) -> ASGIApp:
+    async def answer(scope: Scope, receive: Receive, send: Send) -> None:
+        detail = f"the request's line and headers exceed {limit} bytes"
+        await problem(431, detail, scope["path"], {"Connection": "close"})(scope, receive, send)
+
+    return answer
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -63,7 +60,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        if self._head_deadline is not None:  # still reading a head
+        if self._head_deadline is not None:  # still reading a head: bytes so far
             self._head_bytes += len(data)
             if self._head_bytes > self._max_head:
                 self._refuse(431, f"the request's line and headers exceed {self._max_head} bytes")
@@ -75,7 +72,17 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._head_arrived()
-        super().on_headers_complete()
+        size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+        if size <= self._max_head:
+            super().on_headers_complete()
+            return
+        # A head that arrived whole in one read: answered 431 in its place, as uvicorn answers
+        # 503 in the place of the app when its concurrency limit is reached.
+        app, self.app = self.app, _head_too_large(self._max_head)
+        try:
+            super().on_headers_complete()
+        finally:
+            self.app = app
 
     def _expect_head(self) -> None:
         self._head_bytes = 0

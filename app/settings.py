@@ -32,6 +32,11 @@ class Settings(BaseSettings):
     api_key_cache_seconds: float = Field(
         default=5.0, description="How long a verified key is trusted before it is looked up again"
     )
+    api_key_refusals_cached: int = Field(
+        default=10_000,
+        description="Unknown or revoked keys whose refusal is remembered (the oldest are "
+        "forgotten first); valid keys are cached apart, so bogus ones never push them out",
+    )
 
     deletion_deadline_days: int = Field(default=30, description="GDPR Art. 12(3): one month")
     idempotency_key_ttl_hours: int = Field(
