@@ -4,19 +4,14 @@ Filing answers with a receipt (the request's identity and state); what became of
 (its job, error and certificate) is read with status:read, never learnt by filing it again.
 """
 
-import hashlib
-import json
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from datetime import datetime, timedelta
+from collections.abc import Callable, Coroutine, Sequence
+from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Path, Query, Request, Response
-from fastapi.encoders import jsonable_encoder
+from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
-from sqlalchemy import Engine
 from sqlalchemy.orm import Session
-from starlette.concurrency import run_in_threadpool
 from starlette.convertors import Convertor, register_url_convertor
 
 from app.api.deps import (
@@ -31,9 +26,13 @@ from app.api.deps import (
     intake,
 )
 from app.api.errors import PROBLEM_RESPONSES, Problem
-from app.ledger import idempotency
+from app.api.idempotent import (
+    IDEMPOTENCY_KEY_HEADER,
+    IdempotencyKeyHeader,
+    answer_once,
+    json_answer,
+)
 from app.ledger.clock import utcnow
-from app.ledger.db import open_session
 from app.ledger.filing import Filed, UnknownSamples
 from app.ledger.requests import RequestView, get_request, list_requests, request_views
 from app.ledger.tables import OPEN_REQUEST_STATES, DeletionRequest, RequestState
@@ -66,17 +65,6 @@ class AnySampleId(Convertor[str]):
 
 
 register_url_convertor("sample_id", AnySampleId())
-
-IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
-IdempotencyKeyHeader = Annotated[
-    str | None,
-    Header(
-        alias=IDEMPOTENCY_KEY_HEADER,
-        min_length=1,
-        max_length=255,
-        description="Same key and body replay the first answer; another body gets 422",
-    ),
-]
 
 
 def validate_sample_id(sample_id: str) -> str:
@@ -131,13 +119,6 @@ def receipt_out(filed: Filed) -> ForgetReceipt:
     )
 
 
-def _json(model: BaseModel, status: int, headers: dict[str, str] | None = None) -> Response:
-    # Serialised once, with no response-model validation after it.
-    return Response(
-        model.model_dump_json(), status_code=status, headers=headers, media_type="application/json"
-    )
-
-
 async def _file(
     request: Request, principal: Principal, sample_ids: list[str], note: str | None
 ) -> list[Filed]:
@@ -170,60 +151,6 @@ def _probing(retry_after: int) -> Problem:
     )
 
 
-def _request_hash(request: Request, body: Any) -> str:
-    canonical = json.dumps(jsonable_encoder(body), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(f"{request.method} {request.url.path} {canonical}".encode()).hexdigest()
-
-
-def _in_session(engine: Engine, operation: Callable[..., Any], **arguments: Any) -> Any:
-    with open_session(engine) as session:
-        return operation(session, **arguments)
-
-
-async def _answer_once(
-    request: Request,
-    principal: Principal,
-    idempotency_key: str | None,
-    body: Any,
-    produce: Callable[[], Awaitable[tuple[int, BaseModel]]],
-    answer: type[BaseModel],
-) -> Response:
-    """Runs ``produce`` at most once per Idempotency-Key; replays its answer afterwards, as
-    ``answer`` (so that a replay never says more than the call answers today)."""
-    if idempotency_key is None:
-        status, out = await produce()
-        return _json(out, status)
-    engine: Engine = request.app.state.engine
-    settings: Settings = request.app.state.settings
-    claim = {"api_key_id": principal.key_id, "key": idempotency_key}
-    stored = await run_in_threadpool(
-        _in_session,
-        engine,
-        idempotency.begin,
-        **claim,
-        request_hash=_request_hash(request, body),
-        ttl=timedelta(hours=settings.idempotency_key_ttl_hours),
-        stale_after=timedelta(seconds=settings.idempotency_stale_seconds),
-    )
-    if stored is not None:
-        replay = answer.model_validate(stored.body)
-        return _json(replay, stored.status_code, {"Idempotent-Replayed": "true"})
-    try:
-        status, out = await produce()
-    except BaseException:
-        await run_in_threadpool(_in_session, engine, idempotency.release, **claim)
-        raise
-    await run_in_threadpool(
-        _in_session,
-        engine,
-        idempotency.complete,
-        **claim,
-        status_code=status,
-        body=out.model_dump(mode="json"),
-    )
-    return _json(out, status)
-
-
 async def forget_sample(
     sample_id: Annotated[str, Path(description="The sample's stable ID")],
     request: Request,
@@ -240,7 +167,7 @@ async def forget_sample(
         (filed,) = await _file(request, principal, [sample_id], note)
         return (202 if filed.created else 200), receipt_out(filed)
 
-    return await _answer_once(
+    return await answer_once(
         request,
         principal,
         idempotency_key,
@@ -270,7 +197,7 @@ class _ForgetSampleRoute(APIRoute):
                     sample_id = validate_sample_id(request.path_params["sample_id"])
                     await admit(request, principal)
                     (filed,) = await _file(request, principal, [sample_id], None)
-                    return _json(receipt_out(filed), 202 if filed.created else 200)
+                    return json_answer(receipt_out(filed), 202 if filed.created else 200)
             return await solve_and_run(request)  # the body read above is kept for it
 
         return handler
@@ -316,7 +243,7 @@ async def forget_samples(
         out = ForgetManyOut(requests=[receipt_out(f) for f in filed], created=created)
         return (202 if created else 200), out
 
-    return await _answer_once(request, principal, idempotency_key, body, produce, ForgetManyOut)
+    return await answer_once(request, principal, idempotency_key, body, produce, ForgetManyOut)
 
 
 @router.get("/requests", response_model=RequestPage)
