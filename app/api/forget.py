@@ -194,8 +194,8 @@ class _ForgetSampleRoute(APIRoute):
             if key and IDEMPOTENCY_KEY_HEADER not in headers and not await request.body():
                 principal = cached_principal(request, key, FORGET_WRITE)
                 if principal is not None:
-                    sample_id = validate_sample_id(request.path_params["sample_id"])
                     await admit(request, principal)
+                    sample_id = validate_sample_id(request.path_params["sample_id"])
                     (filed,) = await _file(request, principal, [sample_id], None)
                     return json_answer(receipt_out(filed), 202 if filed.created else 200)
             return await solve_and_run(request)  # the body read above is kept for it
