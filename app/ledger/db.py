@@ -134,7 +134,15 @@ class StatementPool:
     def __init__(self, engine: Engine, size: int, timeout: float) -> None:
         _args, params = engine.dialect.create_connect_args(engine.url)
         params.pop("context", None)  # SQLAlchemy's adapters: psycopg's defaults here
-        self._connect_params = {**params, "connect_timeout": max(1, round(timeout))}
+        # Generic plans: a statement is planned on its first runs only. With array parameters
+        # PostgreSQL's default keeps planning anew on every run (0.3 ms of server CPU for the
+        # filing statement, more than running it), since a generic plan cannot see the arrays'
+        # lengths; the statements run here are planned for any length.
+        self._connect_params = {
+            **params,
+            "connect_timeout": max(1, round(timeout)),
+            "options": f"{params.get('options', '')} -c plan_cache_mode=force_generic_plan",
+        }
         self._dialect = engine.dialect
         self._size = size
         self._timeout = timeout

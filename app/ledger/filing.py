@@ -128,29 +128,30 @@ _LIVE_STATES_SQL = ", ".join(f"'{state.value}'" for state in LIVE_REQUEST_STATES
 # drafted requests inserted when every sample is known and has none, their events, and each
 # known sample's live request read back (the one just filed, or the one found). A request
 # filed concurrently after the snapshot stops the insert on the partial unique index and shows
-# as no request: settle() then asks for another attempt. Prepared by psycopg after a few runs.
+# as no request: settle() then asks for another attempt. Prepared by psycopg after a few runs
+# and, on the intake's connections, planned once (see StatementPool): with array parameters
+# PostgreSQL would otherwise plan it anew on every run, at more than its execution's cost.
 _ATTEMPT_POSTGRES = f"""
 WITH proposed AS (
-    SELECT * FROM unnest(%(sample_ids)s::text[], %(request_ids)s::text[], %(details)s::json[])
+    SELECT * FROM unnest(%(sample_ids)s::text[], %(request_ids)s::text[], %(details)s::text[])
         AS p(sample_id, id, details)
+), live AS (
+    SELECT id, sample_id, state, received_at, deadline FROM deletion_requests
+    WHERE sample_id = ANY(%(sample_ids)s::text[]) AND state IN ({_LIVE_STATES_SQL})
 ), known AS (
     SELECT proposed.* FROM proposed JOIN samples USING (sample_id)
-), live AS (
-    SELECT r.id, r.sample_id, r.state, r.received_at, r.deadline
-    FROM deletion_requests AS r JOIN known USING (sample_id)
-    WHERE r.state IN ({_LIVE_STATES_SQL})
 ), filed AS (
     INSERT INTO deletion_requests
         (id, sample_id, received_at, updated_at, deadline, state, requester_note, requested_by)
     SELECT id, sample_id, %(now)s, %(now)s, %(deadline)s, %(state)s, %(note)s, %(actor)s
     FROM known
-    WHERE (SELECT count(*) FROM known) = cardinality(%(sample_ids)s::text[])
-        AND sample_id NOT IN (SELECT sample_id FROM live)
+    WHERE NOT EXISTS (SELECT FROM live WHERE live.sample_id = known.sample_id)
+        AND (SELECT count(*) FROM known) = cardinality(%(sample_ids)s::text[])
     ON CONFLICT (sample_id) WHERE state IN ({_LIVE_STATES_SQL}) DO NOTHING
     RETURNING id, sample_id, state, received_at, deadline
 ), event AS (
     INSERT INTO audit_events (at, actor, action, target, outcome, details)
-    SELECT %(now)s, %(actor)s, %(action)s, filed.sample_id, 'ok', known.details
+    SELECT %(now)s, %(actor)s, %(action)s, filed.sample_id, 'ok', known.details::json
     FROM filed JOIN known ON known.id = filed.id
 )
 SELECT known.sample_id, coalesce(filed.id, live.id), coalesce(filed.state, live.state),
