@@ -8,8 +8,9 @@ runs again with the same drafted request IDs, so that a request this call did fi
 reported as created. The filer sees a receipt: the request's identity and state, nothing else.
 
 The rules' values (IDs, times, deadline, event) are drafted and settled here in Python for
-every backend. The attempt itself is one statement on PostgreSQL (one round trip, awaited on
-the event loop by the API, or run in a session), and the ORM on SQLite, which has no
+every backend. The attempt itself is one statement per sample on PostgreSQL (one round trip for
+the usual call, awaited on the event loop by the API, or run in a session; a call for several
+samples runs it once per sample in one transaction), and the ORM on SQLite, which has no
 data-modifying CTEs.
 """
 
@@ -123,50 +124,45 @@ def _too_many_races() -> StateConflict:
 
 _LIVE_STATES_SQL = ", ".join(f"'{state.value}'" for state in LIVE_REQUEST_STATES)
 
-# The attempt on PostgreSQL, for any number of samples, in one statement and so one
-# transaction: the known samples with their live requests (from the statement's snapshot), the
-# drafted requests inserted when every sample is known and has none, their events, and each
-# known sample's live request read back (the one just filed, or the one found). A request
-# filed concurrently after the snapshot stops the insert on the partial unique index and shows
-# as no request: settle() then asks for another attempt. Prepared by psycopg after a few runs
-# and, on the intake's connections, planned once (see StatementPool): with array parameters
-# PostgreSQL would otherwise plan it anew on every run, at more than its execution's cost.
-_ATTEMPT_POSTGRES = f"""
-WITH proposed AS (
-    SELECT * FROM unnest(%(sample_ids)s::text[], %(request_ids)s::text[], %(details)s::text[])
-        AS p(sample_id, id, details)
+# The attempt on PostgreSQL for one sample, in one statement (one round trip, one transaction):
+# the sample, its live request (from the statement's snapshot), the drafted request and its
+# event inserted when there is none, and the live request read back (the one just filed, or the
+# one found). No row: an unknown sample. A row without a request: a request filed concurrently
+# after the snapshot stopped the insert on the partial unique index. A call for several samples
+# runs it once per sample in one transaction. Prepared by psycopg after a few runs.
+_FILE_ONE_POSTGRES = f"""
+WITH sample AS (
+    SELECT sample_id FROM samples WHERE sample_id = %(sample_id)s
 ), live AS (
-    SELECT id, sample_id, state, received_at, deadline FROM deletion_requests
-    WHERE sample_id = ANY(%(sample_ids)s::text[]) AND state IN ({_LIVE_STATES_SQL})
-), known AS (
-    SELECT proposed.* FROM proposed JOIN samples USING (sample_id)
+    SELECT id, state, received_at, deadline FROM deletion_requests
+    WHERE sample_id = %(sample_id)s AND state IN ({_LIVE_STATES_SQL})
 ), filed AS (
     INSERT INTO deletion_requests
         (id, sample_id, received_at, updated_at, deadline, state, requester_note, requested_by)
-    SELECT id, sample_id, %(now)s, %(now)s, %(deadline)s, %(state)s, %(note)s, %(actor)s
-    FROM known
-    WHERE NOT EXISTS (SELECT FROM live WHERE live.sample_id = known.sample_id)
-        AND (SELECT count(*) FROM known) = cardinality(%(sample_ids)s::text[])
+    SELECT %(id)s, sample_id, %(now)s, %(now)s, %(deadline)s, %(state)s, %(note)s, %(actor)s
+    FROM sample
+    WHERE NOT EXISTS (SELECT FROM live)
     ON CONFLICT (sample_id) WHERE state IN ({_LIVE_STATES_SQL}) DO NOTHING
-    RETURNING id, sample_id, state, received_at, deadline
+    RETURNING id, state, received_at, deadline
 ), event AS (
     INSERT INTO audit_events (at, actor, action, target, outcome, details)
-    SELECT %(now)s, %(actor)s, %(action)s, filed.sample_id, 'ok', known.details::json
-    FROM filed JOIN known ON known.id = filed.id
+    SELECT %(now)s, %(actor)s, %(action)s, %(sample_id)s, 'ok', %(details)s::json
+    FROM filed
 )
-SELECT known.sample_id, coalesce(filed.id, live.id), coalesce(filed.state, live.state),
+SELECT coalesce(filed.id, live.id), coalesce(filed.state, live.state),
     coalesce(filed.received_at, live.received_at), coalesce(filed.deadline, live.deadline)
-FROM known
-LEFT JOIN filed ON filed.sample_id = known.sample_id
-LEFT JOIN live ON live.sample_id = known.sample_id
+FROM sample
+LEFT JOIN live ON true
+LEFT JOIN filed ON true
 """
 
 
-def _statement_parameters(plan: Draft) -> dict[str, Any]:
+def _statement_parameters(plan: Draft, sample_id: str) -> dict[str, Any]:
+    request_id = plan.proposed[sample_id]
     return {
-        "sample_ids": plan.sample_ids,
-        "request_ids": list(plan.proposed.values()),
-        "details": [json.dumps(plan.event_details(rid)) for rid in plan.proposed.values()],
+        "sample_id": sample_id,
+        "id": request_id,
+        "details": json.dumps(plan.event_details(request_id)),
         "now": plan.now,
         "deadline": plan.deadline,
         "state": RequestState.pending.value,
@@ -176,15 +172,15 @@ def _statement_parameters(plan: Draft) -> dict[str, Any]:
     }
 
 
-def _found_in_rows(rows: Sequence[Sequence[Any]]) -> Found:
-    return {
-        sample_id: (
+def _found(sample_id: str, rows: Sequence[Sequence[Any]], found: Found) -> None:
+    """Notes what the statement for ``sample_id`` returned (nothing for an unknown sample)."""
+    if rows:
+        request_id, state, received, due = rows[0]
+        found[sample_id] = (
             Receipt(request_id, sample_id, RequestState(state), as_utc(received), as_utc(due))
             if request_id is not None
             else None
         )
-        for sample_id, request_id, state, received, due in rows
-    }
 
 
 # Built once: composing it per call cost about as much CPU as running it.
@@ -242,9 +238,15 @@ def _attempt_with_orm(session: Session, plan: Draft) -> Found:
 def _attempt_in_session(session: Session, plan: Draft) -> Found:
     if session.get_bind().dialect.name != "postgresql":
         return _attempt_with_orm(session, plan)
-    rows = session.connection().exec_driver_sql(_ATTEMPT_POSTGRES, _statement_parameters(plan))
-    found = _found_in_rows(rows.all())
-    session.commit()
+    connection = session.connection()
+    found: Found = {}
+    for sid in plan.sample_ids:
+        rows = connection.exec_driver_sql(_FILE_ONE_POSTGRES, _statement_parameters(plan, sid))
+        _found(sid, rows.all(), found)
+    if len(found) < len(plan.sample_ids):
+        session.rollback()  # all or nothing
+    else:
+        session.commit()
     return found
 
 
@@ -300,13 +302,29 @@ class Intake:
                 None, contextvars.copy_context().run, call
             )
         plan = draft(sample_ids, actor=actor, note=note, deadline_days=deadline_days)
-        parameters = _statement_parameters(plan)
         for _attempt in range(ATTEMPTS):
-            rows = await self._statements.run(_ATTEMPT_POSTGRES, parameters)
-            filed = settle(plan, _found_in_rows(rows))
+            filed = settle(plan, await self._attempt(self._statements, plan))
             if filed is not None:
                 return filed
         raise _too_many_races()
+
+    @staticmethod
+    async def _attempt(statements: StatementPool, plan: Draft) -> Found:
+        found: Found = {}
+        if len(plan.proposed) == 1:  # the usual call: the statement alone, in autocommit
+            (sid,) = plan.proposed
+            _found(
+                sid,
+                await statements.run(_FILE_ONE_POSTGRES, _statement_parameters(plan, sid)),
+                found,
+            )
+            return found
+        async with statements.transaction() as run:
+            for sid in plan.sample_ids:
+                _found(sid, await run(_FILE_ONE_POSTGRES, _statement_parameters(plan, sid)), found)
+            if len(found) < len(plan.sample_ids):
+                raise UnknownSamples([sid for sid in plan.sample_ids if sid not in found])
+        return found
 
     def _file_in_session(
         self, sample_ids: Sequence[str], *, actor: str, note: str | None, deadline_days: int
