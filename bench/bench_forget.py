@@ -242,22 +242,24 @@ def run_once(workers: int, args: argparse.Namespace) -> Result:
             "rate_limit_per_address": "1000000/second",
         }
         env = service_env(url, api_key, Path(tmp) / "home", **(limits | dict(args.set)))
-        with uvicorn_server(env, workers=workers) as server:
-            run_wrk(server, api_key, WARM, args.warmup, args, Path(tmp) / "warm")
-            database = url.rsplit("/", 1)[1]
-            if args.wait_quiet:
-                wait_until_quiet(args.wait_quiet)
-            load_before = os.getloadavg()[0]
-            machine_before = machine_busy_seconds()
-            server_before = cpu_seconds(server_processes(server))
-            pg_before = postgres_cpu(database)
-            redis_before = cpu_seconds(redis_servers())
-            figures = run_wrk(server, api_key, RUN, args.requests, args, Path(tmp) / "run")
-            server_cpu = cpu_spent(server_before, cpu_seconds(server_processes(server)))
-            pg_cpu = cpu_spent(pg_before, postgres_cpu(database))
-            redis_cpu = cpu_spent(redis_before, cpu_seconds(redis_servers()))
-            machine_cpu = machine_busy_seconds() - machine_before
-        delete_keys(REDIS_URL, prefix)
+        try:
+            with uvicorn_server(env, workers=workers) as server:
+                run_wrk(server, api_key, WARM, args.warmup, args, Path(tmp) / "warm")
+                database = url.rsplit("/", 1)[1]
+                if args.wait_quiet:
+                    wait_until_quiet(args.wait_quiet)
+                load_before = os.getloadavg()[0]
+                machine_before = machine_busy_seconds()
+                server_before = cpu_seconds(server_processes(server))
+                pg_before = postgres_cpu(database)
+                redis_before = cpu_seconds(redis_servers())
+                figures = run_wrk(server, api_key, RUN, args.requests, args, Path(tmp) / "run")
+                server_cpu = cpu_spent(server_before, cpu_seconds(server_processes(server)))
+                pg_cpu = cpu_spent(pg_before, postgres_cpu(database))
+                redis_cpu = cpu_spent(redis_before, cpu_seconds(redis_servers()))
+                machine_cpu = machine_busy_seconds() - machine_before
+        finally:
+            delete_keys(REDIS_URL, prefix)  # the run's rate-limit counters
         accepted = accepted_ids(Path(tmp) / "run")
         in_ledger = ledger_ids(url, RUN)
     answered = figures["accepted"] + figures["repeated"] + figures["failed"]
