@@ -105,9 +105,12 @@ def _verify_erasure(args: argparse.Namespace) -> None:
 def _serve(args: argparse.Namespace) -> None:
     import uvicorn
 
+    from app.server import HTTP_PROTOCOL
+
     uvicorn.run(
         "app.main:create_app",
         factory=True,
+        http=HTTP_PROTOCOL,
         host=args.host,
         port=args.port,
         workers=args.workers,

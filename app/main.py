@@ -9,11 +9,13 @@ from sqlalchemy import Engine
 
 from app.api import audit, certificates, dashboard, forget, health, jobs, models, stats
 from app.api.errors import install_error_handlers
+from app.http_guard import RequestGuard, SecurityHeaders
 from app.ledger.db import make_engine, session_scope
 from app.ledger.keys import SCOPES, register_key
 from app.logging import configure_logging
 from app.metrics import HttpMetrics, HttpMetricsMiddleware, metrics_registry
 from app.middleware import RequestIdMiddleware
+from app.ratelimit import RateLimiter
 from app.security import KeyVerifier
 from app.settings import Settings, get_settings
 
@@ -56,9 +58,9 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         _register_bootstrap_key(engine, settings)
         yield
-        pools, app.state.statement_pools = app.state.statement_pools, {}
-        for pool in pools.values():
-            await pool.close()
+        intakes, app.state.intakes = app.state.intakes, {}
+        for intake in intakes.values():
+            await intake.close()
         engine.dispose()
 
     app = FastAPI(
@@ -69,14 +71,20 @@ def create_app(
     )
     app.state.settings = settings
     app.state.engine = engine
-    app.state.key_verifier = KeyVerifier(engine, settings.api_key_cache_seconds)
-    app.state.statement_pools = {}  # engine -> StatementPool, see app.api.deps.statement_pool
+    app.state.key_verifier = KeyVerifier(
+        engine, settings.api_key_cache_seconds, settings.api_key_refusals_cached
+    )
+    app.state.intakes = {}  # engine -> Intake, see app.api.deps.intake
+    app.state.rate_limiter = rate_limiter = RateLimiter(settings)
     app.state.enqueue = enqueue or _default_enqueue(settings)
     install_error_handlers(app)
     for module in (forget, audit, models, jobs, stats, certificates, health, dashboard):
         app.include_router(module.router)
     registry = metrics_registry(lambda: app.state.engine)
     Instrumentator(registry=registry).expose(app, include_in_schema=False)  # GET /metrics
+    # Outermost last: IDs and metrics see every answer, the guard's and the headers' included.
+    app.add_middleware(RequestGuard, settings=settings, limiter=rate_limiter)
+    app.add_middleware(SecurityHeaders)
     app.add_middleware(
         HttpMetricsMiddleware, metrics=HttpMetrics(registry), excluded=frozenset({"/metrics"})
     )

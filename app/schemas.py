@@ -38,7 +38,9 @@ class ForgetBody(Strict):
 
 
 class ForgetManyBody(Strict):
-    sample_ids: list[str] = Field(min_length=1, max_length=1000)
+    sample_ids: list[str] = Field(
+        min_length=1, description="At most LETHE_BATCH_MAX_SAMPLE_IDS (1,000 by default)"
+    )
     note: Note | None = None
 
 
@@ -94,8 +96,20 @@ class ForgetRequestOut(BaseModel):
     links: dict[str, str]
 
 
+class ForgetReceipt(BaseModel):
+    """What filing a request answers: its identity and state. Its job, error and certificate
+    are read with `GET /forget/requests/{request_id}` (status:read)."""
+
+    request_id: str
+    sample_id: str
+    state: str
+    received_at: datetime
+    deadline: datetime
+    links: dict[str, str]
+
+
 class ForgetManyOut(BaseModel):
-    requests: list[ForgetRequestOut]
+    requests: list[ForgetReceipt]
     created: int
 
 

@@ -32,6 +32,11 @@ class Settings(BaseSettings):
     api_key_cache_seconds: float = Field(
         default=5.0, description="How long a verified key is trusted before it is looked up again"
     )
+    api_key_refusals_cached: int = Field(
+        default=10_000,
+        description="Unknown or revoked keys whose refusal is remembered (the oldest are "
+        "forgotten first); valid keys are cached apart, so bogus ones never push them out",
+    )
 
     deletion_deadline_days: int = Field(default=30, description="GDPR Art. 12(3): one month")
     idempotency_key_ttl_hours: int = Field(
@@ -50,6 +55,54 @@ class Settings(BaseSettings):
         "as the threads that serve requests (40), so that none waits for a connection",
     )
     retry_after_seconds: int = Field(default=5, description="Retry-After sent with 503")
+
+    # Limits met before a request is authenticated (issue 12): what one client can make the API
+    # hold, read or look up. Rate limits are `limits` notation (N per second, minute or hour).
+    max_body_bytes: int = Field(
+        default=1_048_576,
+        description="Largest request body; a larger one is answered 413 before it is read "
+        "(by Content-Length) or as soon as it grows past this (chunked)",
+    )
+    max_header_bytes: int = Field(
+        default=16_384, description="Largest request line and headers; larger is answered 431"
+    )
+    header_timeout_seconds: float = Field(
+        default=10.0,
+        description="A connection must send a request's line and headers within this; "
+        "otherwise 408 and the connection is closed (slowly sent headers)",
+    )
+    body_timeout_seconds: float = Field(
+        default=10.0,
+        description="A request's body must arrive whole within this; otherwise 408 and the "
+        "connection is closed (slowly sent bodies)",
+    )
+    batch_max_sample_ids: int = Field(
+        default=1000, description="Most sample IDs in one `POST /forget`; more is answered 413"
+    )
+    rate_limit_storage_url: str = Field(
+        default="",
+        description="Where rate-limit counters live: `redis://...` shares them between API "
+        "processes, `memory://` keeps them per process; empty means the broker URL when it is "
+        "Redis, else memory",
+    )
+    rate_limit_per_key: str = Field(
+        default="100/second", description="Calls one API key may make (429 past it)"
+    )
+    rate_limit_per_address: str = Field(
+        default="200/second",
+        description="Calls one client address may make, with a key or without (429 past it; "
+        "probes excepted)",
+    )
+    rate_limit_failed_auth_per_address: str = Field(
+        default="20/minute",
+        description="Unknown or revoked keys one client address may present; past it, a key "
+        "not already verified is answered 429 without being looked up",
+    )
+    rate_limit_unknown_samples_per_key: str = Field(
+        default="200/hour",
+        description="Unknown sample IDs one key may file (each 404 tells it a sample does not "
+        "exist); past it, its filing calls are answered 429",
+    )
 
     # Job machinery (issue 5). Celery's hard time limit must stay below the broker's visibility
     # timeout, or Redis hands a still-running task to a second worker.
@@ -102,6 +155,16 @@ class Settings(BaseSettings):
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.home / 'ledger.sqlite3').resolve()}"
+
+    @property
+    def resolved_rate_limit_storage_url(self) -> str:
+        if self.rate_limit_storage_url:
+            return self.rate_limit_storage_url
+        return (
+            self.broker_url
+            if self.broker_url.startswith(("redis://", "rediss://"))
+            else "memory://"
+        )
 
     @property
     def resolved_store_url(self) -> str:

@@ -7,8 +7,14 @@ the ledger: lost (a 202 whose request is missing) must be 0.
 
     .venv/bin/python -m bench.bench_forget --requests 20000 --concurrency 32 --workers 1 2
 
-Needs wrk (Debian: apt-get install wrk) and the PostgreSQL of the tests (LETHE_TEST_POSTGRES_URL,
-default postgres@127.0.0.1:5432/test). Results print as a Markdown table and go to bench/results/.
+Every limit is on, as deployed: the rate limits are counted in the Redis of the tests
+(LETHE_TEST_REDIS_URL, default 127.0.0.1:6379, under a key prefix of the run's own), per key and
+per address, with limits set above the offered load so that none of the posts is refused: what
+is measured is what counting costs (--rate-limits memory counts in the process instead).
+
+Needs wrk (Debian: apt-get install wrk), the PostgreSQL of the tests (LETHE_TEST_POSTGRES_URL,
+default postgres@127.0.0.1:5432/test) and its Redis. Results print as a Markdown table and go
+to bench/results/.
 """
 
 import argparse
@@ -23,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,6 +47,7 @@ from tests.integration.servers import (
     service_env,
     uvicorn_server,
 )
+from tests.integration.stack import REDIS_URL, delete_keys
 
 LUA_SCRIPT = PROJECT_ROOT / "bench" / "forget.lua"
 RESULTS = PROJECT_ROOT / "bench" / "results"
@@ -65,6 +73,7 @@ class Result:
     # CPU per request: a load-independent figure (the machine may be shared while measuring).
     server_cpu_ms: float
     postgres_cpu_ms: float
+    redis_cpu_ms: float
     # Whatever else the machine's CPUs did meanwhile, per request: wrk and the kernel's share
     # (~0.1 ms), plus anything else running. Well above that: the machine was not quiet.
     other_cpu_ms: float
@@ -145,6 +154,18 @@ def postgres_cpu(database: str) -> dict[int, float]:
     return cpu_seconds(backends) | cpu_seconds(postmaster, reaped=True)
 
 
+def redis_servers() -> list[int]:
+    """The machine's redis-server processes (the rate limits' counters)."""
+    pids = []
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        try:
+            if comm.read_text().strip() == "redis-server":
+                pids.append(int(comm.parent.name))
+        except OSError:
+            continue
+    return pids
+
+
 def cpu_spent(before: dict[int, float], after: dict[int, float]) -> float:
     return sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items())
 
@@ -212,20 +233,33 @@ def run_once(workers: int, args: argparse.Namespace) -> Result:
         tempfile.TemporaryDirectory(prefix="lethe-bench-") as tmp,
     ):
         register(url, args.requests, args.warmup)
-        env = service_env(url, api_key, Path(tmp) / "home", **dict(args.set))
-        with uvicorn_server(env, workers=workers) as server:
-            run_wrk(server, api_key, WARM, args.warmup, args, Path(tmp) / "warm")
-            database = url.rsplit("/", 1)[1]
-            if args.wait_quiet:
-                wait_until_quiet(args.wait_quiet)
-            load_before = os.getloadavg()[0]
-            machine_before = machine_busy_seconds()
-            server_before = cpu_seconds(server_processes(server))
-            pg_before = postgres_cpu(database)
-            figures = run_wrk(server, api_key, RUN, args.requests, args, Path(tmp) / "run")
-            server_cpu = cpu_spent(server_before, cpu_seconds(server_processes(server)))
-            pg_cpu = cpu_spent(pg_before, postgres_cpu(database))
-            machine_cpu = machine_busy_seconds() - machine_before
+        prefix = f"lethe-bench-{uuid.uuid4().hex[:10]}:"
+        storage = REDIS_URL if args.rate_limits == "redis" else "memory://"
+        limits = {
+            "rate_limit_storage_url": storage,
+            "broker_key_prefix": prefix,
+            "rate_limit_per_key": "1000000/second",
+            "rate_limit_per_address": "1000000/second",
+        }
+        env = service_env(url, api_key, Path(tmp) / "home", **(limits | dict(args.set)))
+        try:
+            with uvicorn_server(env, workers=workers) as server:
+                run_wrk(server, api_key, WARM, args.warmup, args, Path(tmp) / "warm")
+                database = url.rsplit("/", 1)[1]
+                if args.wait_quiet:
+                    wait_until_quiet(args.wait_quiet)
+                load_before = os.getloadavg()[0]
+                machine_before = machine_busy_seconds()
+                server_before = cpu_seconds(server_processes(server))
+                pg_before = postgres_cpu(database)
+                redis_before = cpu_seconds(redis_servers())
+                figures = run_wrk(server, api_key, RUN, args.requests, args, Path(tmp) / "run")
+                server_cpu = cpu_spent(server_before, cpu_seconds(server_processes(server)))
+                pg_cpu = cpu_spent(pg_before, postgres_cpu(database))
+                redis_cpu = cpu_spent(redis_before, cpu_seconds(redis_servers()))
+                machine_cpu = machine_busy_seconds() - machine_before
+        finally:
+            delete_keys(REDIS_URL, prefix)  # the run's rate-limit counters
         accepted = accepted_ids(Path(tmp) / "run")
         in_ledger = ledger_ids(url, RUN)
     answered = figures["accepted"] + figures["repeated"] + figures["failed"]
@@ -249,7 +283,8 @@ def run_once(workers: int, args: argparse.Namespace) -> Result:
         in_ledger=len(in_ledger),
         server_cpu_ms=round(1000 * server_cpu / answered, 2),
         postgres_cpu_ms=round(1000 * pg_cpu / answered, 2),
-        other_cpu_ms=round(1000 * (machine_cpu - server_cpu - pg_cpu) / answered, 2),
+        redis_cpu_ms=round(1000 * redis_cpu / answered, 2),
+        other_cpu_ms=round(1000 * (machine_cpu - server_cpu - pg_cpu - redis_cpu) / answered, 2),
         load_before=round(load_before, 2),
     )
 
@@ -258,18 +293,19 @@ def markdown(results: list[Result], args: argparse.Namespace) -> str:
     header = (
         "| uvicorn workers | concurrency | requests | req/s | p50 ms | p95 ms | p99 ms | max ms "
         "| errors | 202s | in ledger | lost | server CPU ms/req | PostgreSQL CPU ms/req "
-        "| other CPU ms/req "
+        "| Redis CPU ms/req | other CPU ms/req "
         f"| ≥{args.target_rps:g} req/s, p99 ≤{args.target_p99_ms:g} ms |"
     )
     rows = [
         f"| {r.workers} | {r.concurrency} | {r.requests} | {r.requests_per_s:.0f} "
         f"| {r.p50_ms:.1f} | {r.p95_ms:.1f} | {r.p99_ms:.1f} | {r.max_ms:.1f} | {r.errors} "
         f"| {r.accepted} | {r.in_ledger} | {r.lost} "
-        f"| {r.server_cpu_ms:.2f} | {r.postgres_cpu_ms:.2f} | {r.other_cpu_ms:.2f} "
+        f"| {r.server_cpu_ms:.2f} | {r.postgres_cpu_ms:.2f} | {r.redis_cpu_ms:.2f} "
+        f"| {r.other_cpu_ms:.2f} "
         f"| {'yes' if r.meets(args.target_rps, args.target_p99_ms) else 'no'} |"
         for r in results
     ]
-    return "\n".join([header, "|" + "---|" * 16, *rows])
+    return "\n".join([header, "|" + "---|" * 17, *rows])
 
 
 def parse_args() -> argparse.Namespace:
@@ -295,6 +331,12 @@ def parse_args() -> argparse.Namespace:
         default=[],
         metavar="NAME=VALUE",
         help="a service setting for this run, e.g. --set db_pool_size=40 (LETHE_DB_POOL_SIZE)",
+    )
+    parser.add_argument(
+        "--rate-limits",
+        choices=["redis", "memory"],
+        default="redis",
+        help="where the service counts its rate limits (redis: shared, as deployed)",
     )
     parser.add_argument("--target-rps", type=float, default=1000.0)
     parser.add_argument("--target-p99-ms", type=float, default=50.0)

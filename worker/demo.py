@@ -33,6 +33,7 @@ from app.ledger.samples import sample_ids
 from app.ledger.tables import OPEN_REQUEST_STATES, JobState, RequestState, SampleState, Split
 from app.logging import configure_logging
 from app.main import create_app
+from app.server import HTTP_PROTOCOL
 from app.settings import Settings, get_settings
 from worker.progress import PhaseBars, Step
 from worker.scheduler import embedded_services
@@ -137,7 +138,9 @@ def api_server(settings: Settings, engine: Engine, port: int) -> Iterator[None]:
     """The API on a thread of this process, until the block exits."""
     app = create_app(settings, engine)
     configure_logging(logging.WARNING)  # the demo's own lines, not one per HTTP call
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning", http=HTTP_PROTOCOL
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="lethe-api", daemon=True)
     thread.start()

@@ -13,14 +13,14 @@ from app.api.errors import Problem
 
 STATIC = Path(__file__).resolve().parents[1] / "static"
 ASSETS = {"dashboard.js", "dashboard.css", "favicon.svg"}
-# Only this origin's scripts, styles and API; images also from blob: (plots fetched with the key).
+# Only this origin's scripts, styles and API; images also from blob: (plots fetched with the
+# key). The headers every answer gets (nosniff, frame denial, no referrer) are
+# app.http_guard.SecurityHeaders'.
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
         "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
         "img-src 'self' blob:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
     ),
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-cache",
 }
 

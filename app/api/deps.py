@@ -10,7 +10,9 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from app.api.errors import Problem
-from app.ledger.db import StatementPool, open_session
+from app.ledger.db import open_session
+from app.ledger.filing import Intake
+from app.ratelimit import RateLimiter
 from app.security import KeyVerifier, Principal
 from app.settings import Settings
 
@@ -34,27 +36,20 @@ SessionDep = Annotated[Session, Depends(get_session)]
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 
 
-# Connections per process for statements awaited on the event loop (POST /forget/{sample_id}).
-# Few serve best: on 2 cores, 2 to 8 gave ~1,800 req/s with p99 under 25 ms (8: ~50 ms), 20 gave
-# ~1,700 req/s with p99 80 to 90 ms (docs/benchmarks/forget.md).
-STATEMENT_CONNECTIONS = 4
-
-
-def statement_pool(request: Request) -> StatementPool | None:
-    """The app's statement connections to its ledger (made on first use); None unless the
-    ledger is PostgreSQL."""
+def intake(request: Request) -> Intake:
+    """The app's intake for its ledger (made on first use, per engine: tests swap engines)."""
     state = request.app.state
     engine: Engine = state.engine
-    if engine.dialect.name != "postgresql":
-        return None
-    pools: dict[Engine, StatementPool] = state.statement_pools
-    pool = pools.get(engine)
-    if pool is None:
+    intakes: dict[Engine, Intake] = state.intakes
+    found = intakes.get(engine)
+    if found is None:
         settings: Settings = state.settings
-        pool = pools[engine] = StatementPool(
-            engine, STATEMENT_CONNECTIONS, settings.db_connect_timeout_seconds
-        )
-    return pool
+        found = intakes[engine] = Intake.of(engine, settings.db_connect_timeout_seconds)
+    return found
+
+
+def client_address(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
 
 
 def cached_principal(request: Request, key: str, scope: str) -> Principal | None:
@@ -65,6 +60,38 @@ def cached_principal(request: Request, key: str, scope: str) -> Principal | None
     return principal if hit and principal is not None and scope in principal.scopes else None
 
 
+def _rate_limited(what: str, retry_after: int) -> Problem:
+    return Problem(429, f"{what}; retry in {retry_after} s", {"Retry-After": str(retry_after)})
+
+
+async def authenticate(request: Request, key: str) -> Principal:
+    """The key's principal, or 401. Unknown keys are counted per client address: past the
+    limit, a key not already verified is refused (429) without a database lookup."""
+    state = request.app.state
+    verifier: KeyVerifier = state.key_verifier
+    limiter: RateLimiter = state.rate_limiter
+    failures = limiter.limits.failed_auth_per_address
+    address = client_address(request)
+    hit, principal = verifier.cached(key)
+    if not hit:
+        retry = await limiter.exhausted(failures, "failed-auth", address)
+        if retry:
+            raise _rate_limited("too many unknown or revoked API keys from this address", retry)
+        principal = await run_in_threadpool(verifier.verify, key)
+    if principal is None:
+        await limiter.hit(failures, "failed-auth", address)
+        raise Problem(401, "invalid or revoked API key", {"WWW-Authenticate": "ApiKey"})
+    return principal
+
+
+async def admit(request: Request, principal: Principal) -> None:
+    """Counts the call against its key's rate limit; 429 past it."""
+    limiter: RateLimiter = request.app.state.rate_limiter
+    retry = await limiter.hit(limiter.limits.per_key, "key", str(principal.key_id))
+    if retry:
+        raise _rate_limited(f"this API key made more than {limiter.limits.per_key} calls", retry)
+
+
 def require(scope: str) -> Callable[..., Awaitable[Principal]]:
     # async: a cached key is checked on the event loop; only a lookup goes to a thread.
     async def check(
@@ -72,12 +99,8 @@ def require(scope: str) -> Callable[..., Awaitable[Principal]]:
     ) -> Principal:
         if not key:
             raise Problem(401, "missing X-API-Key header", {"WWW-Authenticate": "ApiKey"})
-        verifier: KeyVerifier = request.app.state.key_verifier
-        hit, principal = verifier.cached(key)
-        if not hit:
-            principal = await run_in_threadpool(verifier.verify, key)
-        if principal is None:
-            raise Problem(401, "invalid or revoked API key", {"WWW-Authenticate": "ApiKey"})
+        principal = await authenticate(request, key)
+        await admit(request, principal)
         if scope not in principal.scopes:
             raise Problem(403, f"this API key lacks the {scope!r} scope")
         return principal

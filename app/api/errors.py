@@ -37,6 +37,21 @@ class Problem(Exception):
         self.extra = extra  # more members of the problem document
 
 
+def problem(
+    status: int, detail: str, instance: str, headers: Mapping[str, str] | None = None, **extra: Any
+) -> JSONResponse:
+    """An RFC 9457 answer; ``instance`` is the path that was called."""
+    body = {
+        "type": "about:blank",
+        "title": HTTPStatus(status).phrase,
+        "status": status,
+        "detail": detail,
+        "instance": instance,
+        **extra,
+    }
+    return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_JSON)
+
+
 def problem_response(
     request: Request,
     status: int,
@@ -45,15 +60,7 @@ def problem_response(
     headers: Mapping[str, str] | None = None,
     **extra: Any,
 ) -> JSONResponse:
-    body = {
-        "type": "about:blank",
-        "title": HTTPStatus(status).phrase,
-        "status": status,
-        "detail": detail,
-        "instance": request.url.path,
-        **extra,
-    }
-    return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_JSON)
+    return problem(status, detail, request.url.path, headers, **extra)
 
 
 LEDGER_STATUS: dict[type[LedgerError], int] = {NotFound: 404, StateConflict: 409, Invalid: 422}
@@ -62,12 +69,16 @@ LEDGER_STATUS: dict[type[LedgerError], int] = {NotFound: 404, StateConflict: 409
 PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ProblemDetail, "description": description}
     for status, description in {
-        400: "The body could not be parsed (not UTF-8 JSON)",
+        400: "The body could not be parsed (not UTF-8 JSON), or X-API-Key or Idempotency-Key "
+        "was sent twice",
         401: "Missing, invalid or revoked X-API-Key",
         403: "The API key lacks the scope this call needs",
         404: "No such resource",
+        408: "The body did not arrive in time (LETHE_BODY_TIMEOUT_SECONDS)",
         409: "The resource's state, or a concurrent request, forbids it",
+        413: "The body, or the list of sample IDs, is larger than this service accepts",
         422: "Malformed input; `errors` names each invalid field",
+        429: "A rate limit was reached; retry after Retry-After seconds",
         503: "The ledger database is unavailable; retry after Retry-After seconds",
     }.items()
 }
@@ -120,7 +131,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(LedgerError)
     async def _ledger(request: Request, error: LedgerError) -> JSONResponse:
-        return problem_response(request, LEDGER_STATUS.get(type(error), 400), str(error))
+        status = next((s for kind, s in LEDGER_STATUS.items() if isinstance(error, kind)), 400)
+        return problem_response(request, status, str(error))
 
     @app.exception_handler(DataError)
     async def _unstorable(request: Request, error: DataError) -> JSONResponse:

@@ -1,21 +1,17 @@
-"""Deletion requests: file them (one sample or many), read one, list them."""
+"""Deletion requests: file them (one sample or many), read one, list them.
 
-import asyncio
-import contextvars
-import hashlib
-import json
+Filing answers with a receipt (the request's identity and state); what became of a request
+(its job, error and certificate) is read with status:read, never learnt by filing it again.
+"""
+
 from collections.abc import Callable, Coroutine, Sequence
-from datetime import datetime, timedelta
-from functools import partial
+from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Path, Query, Request, Response
-from fastapi.encoders import jsonable_encoder
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.routing import APIRoute
-from sqlalchemy import Engine
+from pydantic import BaseModel
 from sqlalchemy.orm import Session
-from starlette.concurrency import run_in_threadpool
 from starlette.convertors import Convertor, register_url_convertor
 
 from app.api.deps import (
@@ -26,31 +22,30 @@ from app.api.deps import (
     SessionDep,
     SettingsDep,
     StatusReader,
+    admit,
     cached_principal,
-    statement_pool,
+    intake,
 )
 from app.api.errors import PROBLEM_RESPONSES, Problem
+from app.api.idempotent import (
+    IDEMPOTENCY_KEY_HEADER,
+    IdempotencyKeyHeader,
+    answer_once,
+    json_answer,
+)
 from app.api.jobs import job_summary
 from app.artifacts import ObjectStore
 from app.certificates import certificate_key
-from app.ledger import idempotency
 from app.ledger.clock import utcnow
-from app.ledger.db import open_session
-from app.ledger.requests import (
-    Filed,
-    RequestView,
-    file_request,
-    file_request_in_one_statement,
-    file_requests,
-    get_request,
-    list_requests,
-    request_views,
-)
+from app.ledger.filing import Filed, UnknownSamples
+from app.ledger.requests import RequestView, get_request, list_requests, request_views
 from app.ledger.tables import OPEN_REQUEST_STATES, DeletionRequest, RequestState
+from app.ratelimit import RateLimiter
 from app.schemas import (
     ForgetBody,
     ForgetManyBody,
     ForgetManyOut,
+    ForgetReceipt,
     ForgetRequestOut,
     RequestPage,
     VerificationOut,
@@ -75,17 +70,6 @@ class AnySampleId(Convertor[str]):
 
 
 register_url_convertor("sample_id", AnySampleId())
-
-IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
-IdempotencyKeyHeader = Annotated[
-    str | None,
-    Header(
-        alias=IDEMPOTENCY_KEY_HEADER,
-        min_length=1,
-        max_length=255,
-        description="Same key and body replay the first answer; another body gets 422",
-    ),
-]
 
 
 def validate_sample_id(sample_id: str) -> str:
@@ -128,98 +112,47 @@ def present(session: Session, requests: Sequence[DeletionRequest]) -> list[Forge
     return [request_out(view, now) for view in request_views(session, requests)]
 
 
-def _request_hash(request: Request, body: Any) -> str:
-    canonical = json.dumps(jsonable_encoder(body), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(f"{request.method} {request.url.path} {canonical}".encode()).hexdigest()
-
-
-def _answer_once(
-    *,
-    session: Session,
-    settings: Settings,
-    principal: Principal,
-    request: Request,
-    idempotency_key: str | None,
-    body: Any,
-    produce: Callable[[], tuple[int, dict[str, Any]]],
-) -> JSONResponse:
-    """Runs ``produce`` at most once per Idempotency-Key; replays its answer afterwards."""
-    if idempotency_key is None:
-        status, payload = produce()
-        return JSONResponse(payload, status_code=status)
-    stored = idempotency.begin(
-        session,
-        api_key_id=principal.key_id,
-        key=idempotency_key,
-        request_hash=_request_hash(request, body),
-        ttl=timedelta(hours=settings.idempotency_key_ttl_hours),
-        stale_after=timedelta(seconds=settings.idempotency_stale_seconds),
+def receipt_out(filed: Filed) -> ForgetReceipt:
+    receipt = filed.request
+    return ForgetReceipt(
+        request_id=receipt.id,
+        sample_id=receipt.sample_id,
+        state=receipt.state.value,
+        received_at=receipt.received_at,
+        deadline=receipt.deadline,
+        links={"self": f"/forget/requests/{receipt.id}"},
     )
-    if stored is not None:
-        return JSONResponse(
-            stored.body, status_code=stored.status_code, headers={"Idempotent-Replayed": "true"}
-        )
-    try:
-        status, payload = produce()
-    except BaseException:
-        session.rollback()
-        idempotency.release(session, api_key_id=principal.key_id, key=idempotency_key)
-        raise
-    idempotency.complete(
-        session, api_key_id=principal.key_id, key=idempotency_key, status_code=status, body=payload
-    )
-    return JSONResponse(payload, status_code=status)
 
 
-def _file(
-    session: Session,
-    settings: Settings,
-    principal: Principal,
-    sample_ids: list[str],
-    note: str | None,
+async def _file(
+    request: Request, principal: Principal, sample_ids: list[str], note: str | None
 ) -> list[Filed]:
-    return file_requests(
-        session,
-        sample_ids,
-        actor=principal.actor,
-        note=note,
-        deadline_days=settings.deletion_deadline_days,
-    )
-
-
-async def _file_one(
-    request: Request, sample_id: str, principal: Principal, note: str | None
-) -> Response:
-    """Files (or finds) the sample's request; the answer is serialised once, with no
-    response-model validation after it. On PostgreSQL one statement awaited on the event loop;
-    elsewhere (SQLite) file_requests on a thread."""
-    state = request.app.state
-    settings: Settings = state.settings
-    statements = statement_pool(request)
-    if statements is not None:
-        filed = await file_request_in_one_statement(
-            statements,
-            sample_id,
+    """Files the requests; a key that names too many unknown samples (each 404 tells it that a
+    sample does not exist) is refused for a while (429)."""
+    limiter: RateLimiter = request.app.state.rate_limiter
+    refused_for = limiter.probing(principal.key_id)
+    if refused_for:
+        raise _probing(refused_for)
+    settings: Settings = request.app.state.settings
+    try:
+        return await intake(request).file(
+            sample_ids,
             actor=principal.actor,
             note=note,
             deadline_days=settings.deletion_deadline_days,
         )
-    else:
-        call = partial(
-            file_request,
-            state.engine,
-            sample_id,
-            actor=principal.actor,
-            note=note,
-            deadline_days=settings.deletion_deadline_days,
-        )
-        filed = await asyncio.get_running_loop().run_in_executor(
-            None, contextvars.copy_context().run, call
-        )
-    return Response(
-        request_out(filed.request, utcnow()).model_dump_json(),
-        status_code=202 if filed.created else 200,
-        media_type="application/json",
+    except UnknownSamples as unknown:
+        refused_for = await limiter.count_unknown_samples(principal.key_id, len(unknown.sample_ids))
+        if refused_for:
+            raise _probing(refused_for) from unknown
+        raise
+
+
+def _probing(retry_after: int) -> Problem:
+    return Problem(
+        429,
+        f"this API key named too many unknown samples; retry in {retry_after} s",
+        {"Retry-After": str(retry_after)},
     )
 
 
@@ -230,50 +163,23 @@ async def forget_sample(
     idempotency_key: IdempotencyKeyHeader = None,
     body: ForgetBody | None = None,
 ) -> Response:
-    """Records a deletion request durably before answering 202; a repeat answers 200 with it."""
+    """Records a deletion request durably before answering 202; a repeat answers 200 with it.
+    The answer is the request's identity and state; its job and certificate need status:read."""
     validate_sample_id(sample_id)
     note = body.note if body else None
-    if idempotency_key is None:
-        return await _file_one(request, sample_id, principal, note)
-    state = request.app.state
-    return await run_in_threadpool(
-        _forget_sample_once,
-        state.engine,
-        state.settings,
-        principal,
+
+    async def produce() -> tuple[int, BaseModel]:
+        (filed,) = await _file(request, principal, [sample_id], note)
+        return (202 if filed.created else 200), receipt_out(filed)
+
+    return await answer_once(
         request,
+        principal,
         idempotency_key,
-        sample_id,
-        note,
+        {"sample_id": sample_id, "note": note},
+        produce,
+        ForgetReceipt,
     )
-
-
-def _forget_sample_once(
-    engine: Engine,
-    settings: Settings,
-    principal: Principal,
-    request: Request,
-    idempotency_key: str,
-    sample_id: str,
-    note: str | None,
-) -> Response:
-    """POST /forget/{sample_id} with an Idempotency-Key: in a thread, with its own session."""
-    with open_session(engine) as session:
-
-        def produce() -> tuple[int, dict[str, Any]]:
-            (filed,) = _file(session, settings, principal, [sample_id], note)
-            (out,) = present(session, [filed.request])
-            return (202 if filed.created else 200), out.model_dump(mode="json")
-
-        return _answer_once(
-            session=session,
-            settings=settings,
-            principal=principal,
-            request=request,
-            idempotency_key=idempotency_key,
-            body={"sample_id": sample_id, "note": note},
-            produce=produce,
-        )
 
 
 class _ForgetSampleRoute(APIRoute):
@@ -293,8 +199,10 @@ class _ForgetSampleRoute(APIRoute):
             if key and IDEMPOTENCY_KEY_HEADER not in headers and not await request.body():
                 principal = cached_principal(request, key, FORGET_WRITE)
                 if principal is not None:
+                    await admit(request, principal)
                     sample_id = validate_sample_id(request.path_params["sample_id"])
-                    return await _file_one(request, sample_id, principal, None)
+                    (filed,) = await _file(request, principal, [sample_id], None)
+                    return json_answer(receipt_out(filed), 202 if filed.created else 200)
             return await solve_and_run(request)  # the body read above is kept for it
 
         return handler
@@ -305,8 +213,8 @@ router.add_api_route(
     forget_sample,
     methods=["POST"],
     status_code=202,
-    response_model=ForgetRequestOut,
-    responses={200: {"model": ForgetRequestOut, "description": "The sample's existing request"}},
+    response_model=ForgetReceipt,
+    responses={200: {"model": ForgetReceipt, "description": "The sample's existing request"}},
     route_class_override=_ForgetSampleRoute,
 )
 
@@ -317,33 +225,30 @@ router.add_api_route(
     response_model=ForgetManyOut,
     responses={200: {"model": ForgetManyOut, "description": "Every sample already had one"}},
 )
-def forget_samples(
+async def forget_samples(
     body: ForgetManyBody,
     request: Request,
-    session: SessionDep,
     settings: SettingsDep,
     principal: ForgetWriter,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
     """One data subject, many samples: all are recorded, or none (an unknown ID fails all)."""
+    if len(body.sample_ids) > settings.batch_max_sample_ids:
+        raise Problem(
+            413,
+            f"at most {settings.batch_max_sample_ids} sample IDs per call, "
+            f"got {len(body.sample_ids)}",
+        )
     for sample_id in body.sample_ids:
         validate_sample_id(sample_id)
 
-    def produce() -> tuple[int, dict[str, Any]]:
-        filed = _file(session, settings, principal, body.sample_ids, body.note)
+    async def produce() -> tuple[int, BaseModel]:
+        filed = await _file(request, principal, body.sample_ids, body.note)
         created = sum(f.created for f in filed)
-        out = ForgetManyOut(requests=present(session, [f.request for f in filed]), created=created)
-        return (202 if created else 200), out.model_dump(mode="json")
+        out = ForgetManyOut(requests=[receipt_out(f) for f in filed], created=created)
+        return (202 if created else 200), out
 
-    return _answer_once(
-        session=session,
-        settings=settings,
-        principal=principal,
-        request=request,
-        idempotency_key=idempotency_key,
-        body=body,
-        produce=produce,
-    )
+    return await answer_once(request, principal, idempotency_key, body, produce, ForgetManyOut)
 
 
 @router.get("/requests", response_model=RequestPage)

@@ -2,8 +2,8 @@
 
 import asyncio
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, cast
@@ -16,6 +16,9 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.settings import Settings, get_settings
+
+# A statement of StatementPool.transaction(): its rows.
+Run = Callable[[str, dict[str, Any]], Awaitable[list[tuple[Any, ...]]]]
 
 
 def make_engine(
@@ -124,7 +127,7 @@ class StatementPool:
     """A few psycopg AsyncConnections to one PostgreSQL database, in autocommit, for single
     statements awaited on the event loop: no thread hop, no SQLAlchemy Connection around them
     (on the busiest call both cost more CPU than the statement). A statement's rows are returned
-    once PostgreSQL has committed it.
+    once PostgreSQL has committed it; transaction() runs a few in one transaction.
 
     At most ``size`` statements run at once; the others wait their turn here, up to ``timeout``
     seconds (then SQLAlchemy's pool TimeoutError). Few connections serve best: under load, each
@@ -147,8 +150,7 @@ class StatementPool:
         self._idle: list[Any] = []  # psycopg.AsyncCursor of each free connection, newest last
         self._slots: asyncio.Semaphore | None = None
 
-    async def run(self, statement: str, parameters: dict[str, Any]) -> list[tuple[Any, ...]]:
-        """The rows of ``statement`` (one that returns rows), committed."""
+    async def _take_slot(self) -> asyncio.Semaphore:
         if self._slots is None:
             self._slots = asyncio.Semaphore(self._size)
         if self._slots.locked():  # (the timeout's own cost, only when there is a wait)
@@ -161,6 +163,11 @@ class StatementPool:
                 ) from None
         else:
             await self._slots.acquire()
+        return self._slots
+
+    async def run(self, statement: str, parameters: dict[str, Any]) -> list[tuple[Any, ...]]:
+        """The rows of ``statement`` (one that returns rows), committed."""
+        slots = await self._take_slot()
         try:
             for attempt in (1, 2):
                 reused = bool(self._idle)
@@ -190,7 +197,42 @@ class StatementPool:
                 return rows
             raise AssertionError("unreachable")
         finally:
-            self._slots.release()
+            slots.release()
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Run]:
+        """Statements run in one transaction on one connection: committed when the block ends,
+        rolled back when it raises. Not run again on a dead connection (the block may have
+        acted on what it read): that error leaves as SQLAlchemy's, as from run()."""
+        slots = await self._take_slot()
+        try:
+            try:
+                cursor = self._idle.pop() if self._idle else await self._connect()
+            except psycopg.Error as error:
+                raise self._translate("BEGIN", {}, error, False) from error
+            connection = cursor.connection
+
+            async def run(statement: str, parameters: dict[str, Any]) -> list[tuple[Any, ...]]:
+                try:
+                    await cursor.execute(statement, parameters)
+                    rows: list[tuple[Any, ...]] = await cursor.fetchall()
+                except psycopg.Error as error:
+                    lost = connection.broken or connection.closed
+                    raise self._translate(statement, parameters, error, lost) from error
+                return rows
+
+            try:
+                async with connection.transaction():
+                    yield run
+            except BaseException:
+                if connection.broken or connection.closed:
+                    await connection.close()
+                else:
+                    self._idle.append(cursor)  # rolled back: the connection is usable
+                raise
+            self._idle.append(cursor)
+        finally:
+            slots.release()
 
     async def _connect(self) -> Any:
         connection = await psycopg.AsyncConnection.connect(autocommit=True, **self._connect_params)

@@ -29,9 +29,10 @@ from sqlalchemy import select
 from app.api.dashboard import STATIC
 from app.ledger.clock import utcnow
 from app.ledger.db import make_engine, session_scope
+from app.ledger.filing import file_requests
 from app.ledger.jobs import coalesce_pending_requests, requests_of_job
 from app.ledger.keys import create_key
-from app.ledger.requests import file_requests, transition_requests
+from app.ledger.requests import transition_requests
 from app.ledger.samples import SampleRecord, register_samples, sample_ids
 from app.ledger.tables import (
     Audit,

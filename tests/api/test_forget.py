@@ -231,16 +231,16 @@ def test_bad_list_parameters_are_422(api: Api, query: str) -> None:
     assert response.headers["content-type"] == "application/problem+json"
 
 
-def test_a_repeat_answers_what_the_request_resource_says(api: Api) -> None:
-    """The plain POST (no body, no Idempotency-Key, a cached key) takes the fast lane; its
-    answer for a request with a job, a completing version and a certificate is the resource's."""
-    first = api.client.post("/forget/toy-031", headers=api.headers())
-    assert first.status_code == 202
+RECEIPT = {"request_id", "sample_id", "state", "received_at", "deadline", "links"}
+
+
+def test_a_repeat_answers_the_receipt_never_the_job_or_certificate(api: Api) -> None:
+    """Filing answers the request's identity and state, on every path (the fast lane, FastAPI's
+    own, an Idempotency-Key and its replay, the batch): what became of the request (its job,
+    its version, its certificate) needs status:read."""
+    first = api.client.post("/forget/toy-031", headers=api.headers("forget:write"))
+    assert first.status_code == 202 and set(first.json()) == RECEIPT
     request_id = first.json()["request_id"]
-    assert (
-        first.json()
-        == api.client.get(f"/forget/requests/{request_id}", headers=api.headers()).json()
-    )
     with session_scope(api.engine) as session:
         job = coalesce_pending_requests(
             session, window_seconds=0, max_requests=10, max_attempts=3, actor="test"
@@ -255,15 +255,56 @@ def test_a_repeat_answers_what_the_request_resource_says(api: Api) -> None:
             completed_version_id=version.id,
         )
         attach_certificate(session, request_id, {"sample_id": "toy-031", "signed": "yes"})
-    for body in (None, {"note": "again"}):  # the fast lane, then FastAPI's own path
-        again = api.client.post("/forget/toy-031", headers=api.headers(), json=body)
-        assert again.status_code == 200
-        assert again.headers["content-type"] == "application/json"
-        resource = api.client.get(f"/forget/requests/{request_id}", headers=api.headers())
-        assert again.json() == resource.json()
-        assert again.json()["job"]["kind"] == "unlearn"
-        assert set(again.json()["links"]) == {"self", "audit", "certificate"}
+    resource = api.client.get(f"/forget/requests/{request_id}", headers=api.headers()).json()
+    assert resource["job"]["kind"] == "unlearn" and resource["certificate"]["signed"] == "yes"
+    idempotent = {**api.headers("forget:write"), "Idempotency-Key": "repeat-31"}
+    answers = [
+        api.client.post("/forget/toy-031", headers=api.headers("forget:write")),  # fast lane
+        api.client.post("/forget/toy-031", headers=api.headers("forget:write"), json={}),
+        api.client.post("/forget/toy-031", headers=idempotent),
+        api.client.post("/forget/toy-031", headers=idempotent),  # its replay
+    ]
+    batch = api.client.post(
+        "/forget", headers=api.headers("forget:write"), json={"sample_ids": ["toy-031"]}
+    )
+    assert [a.status_code for a in answers] == [200] * 4 and batch.status_code == 200
+    assert answers[3].headers["Idempotent-Replayed"] == "true"
+    for receipt in [a.json() for a in answers] + batch.json()["requests"]:
+        assert receipt == {name: resource[name] for name in RECEIPT} | {
+            "links": {"self": f"/forget/requests/{request_id}"}
+        }
+        assert receipt["state"] == "completed"
+    # The GET itself stays closed to the write-only key.
+    read = api.client.get(f"/forget/requests/{request_id}", headers=api.headers("forget:write"))
+    assert read.status_code == 403
     assert count_requests(api, "toy-031") == 1
+
+
+def test_a_replay_stored_with_more_says_only_the_receipt(api: Api) -> None:
+    """An answer stored before receipts (with the job and certificate) is replayed as a
+    receipt."""
+    headers = {**api.headers(), "Idempotency-Key": "stored-long-ago"}
+    first = api.client.post("/forget/toy-035", headers=headers).json()
+    with session_scope(api.engine) as session:
+        session.execute(
+            update(idempotency.IdempotencyKey)
+            .where(idempotency.IdempotencyKey.key == "stored-long-ago")
+            .values(response_body=first | {"certificate": {"signed": "yes"}, "job": None})
+        )
+    replay = api.client.post("/forget/toy-035", headers=headers)
+    assert replay.headers["Idempotent-Replayed"] == "true"
+    assert replay.json() == first
+
+
+def test_a_batch_larger_than_the_setting_is_413(api: Api) -> None:
+    limit = api.client.app.state.settings.batch_max_sample_ids  # type: ignore[attr-defined]
+    ids = [f"toy-{i % 40:03d}" for i in range(limit + 1)]
+    response = api.client.post("/forget", headers=api.headers(), json={"sample_ids": ids})
+    assert response.status_code == 413
+    assert f"at most {limit}" in response.json()["detail"]
+    assert count_requests(api) == 0
+    within = api.client.post("/forget", headers=api.headers(), json={"sample_ids": ids[:limit]})
+    assert within.status_code == 202 and within.json()["created"] == 40
 
 
 def test_a_key_not_yet_cached_is_looked_up_then_served(api: Api) -> None:

@@ -7,8 +7,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.ledger.clock import utcnow
 from app.ledger.db import make_engine, session_scope
+from app.ledger.filing import file_requests
 from app.ledger.jobs import coalesce_pending_requests, requests_of_job
-from app.ledger.requests import file_requests, transition_requests
+from app.ledger.requests import transition_requests
 from app.ledger.tables import Audit, RequestState, VersionState
 from app.ledger.versions import create_version, promote
 from app.log_context import TASK_REQUEST_ID, task_headers, task_log_context

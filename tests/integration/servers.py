@@ -23,6 +23,7 @@ from sqlalchemy import text
 
 from app.ledger import migrate
 from app.ledger.db import make_engine
+from app.server import HTTP_PROTOCOL
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 APP_FACTORY = "app.main:create_app"
@@ -130,6 +131,7 @@ def uvicorn_server(
         "--host=127.0.0.1",
         f"--port={port}",
         f"--workers={workers}",
+        f"--http={HTTP_PROTOCOL}",  # as `lethe serve` runs it
         "--log-level=warning",
         "--no-access-log",
     ]

@@ -144,10 +144,10 @@ def open_stack(home: Path, admin_url: str = POSTGRES_ADMIN_URL, **settings: str)
             for process in stack.processes:
                 process.kill()
             engine.dispose()
-            _delete_keys(env["LETHE_BROKER_URL"], prefix)
+            delete_keys(env["LETHE_BROKER_URL"], prefix)
 
 
-def _delete_keys(url: str, prefix: str) -> None:
+def delete_keys(url: str, prefix: str) -> None:
     try:
         client = redis.Redis.from_url(url, socket_connect_timeout=2)
         keys = list(client.scan_iter(match=f"{prefix}*"))

@@ -19,8 +19,9 @@ from sqlalchemy.orm import Session
 
 from app.dispatch import enqueue_job
 from app.ledger.db import session_scope
+from app.ledger.filing import file_requests
 from app.ledger.jobs import coalesce_pending_requests, create_job, get_job, requests_of_job
-from app.ledger.requests import file_requests, list_requests
+from app.ledger.requests import list_requests
 from app.ledger.samples import SampleRecord, register_samples, sample_ids
 from app.ledger.tables import (
     DeletionRequest,

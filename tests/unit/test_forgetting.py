@@ -14,6 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.ledger.db import make_engine, open_session
+from app.ledger.filing import file_requests
 from app.ledger.jobs import (
     approve_job,
     claim_job,
@@ -23,7 +24,6 @@ from app.ledger.jobs import (
     requests_of_job,
 )
 from app.ledger.provenance import rolled_back_steps, step_deltas, steps_of_samples
-from app.ledger.requests import file_requests
 from app.ledger.samples import sample_ids, samples_by_id
 from app.ledger.tables import (
     AliasHistory,

@@ -21,6 +21,7 @@ from app.dispatch import enqueue_job, in_process_runner
 from app.ledger.clock import utcnow
 from app.ledger.db import make_engine, session_scope
 from app.ledger.errors import StateConflict
+from app.ledger.filing import file_requests
 from app.ledger.jobs import (
     ClaimOutcome,
     claim_job,
@@ -36,7 +37,6 @@ from app.ledger.jobs import (
     sweep_stale_jobs,
 )
 from app.ledger.keys import create_key
-from app.ledger.requests import file_requests
 from app.ledger.samples import SampleRecord, register_samples
 from app.ledger.tables import Job, JobKind, JobState, RequestState, Sample, SampleState, Split
 from app.ledger.versions import alias_target

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from app.ledger.db import StatementPool, make_engine, open_session, session_scope
 from app.ledger.errors import Invalid, NotFound, StateConflict
+from app.ledger.filing import Filed, Intake, file_requests
 from app.ledger.keys import create_key, find_active_key, hash_key, list_keys
 from app.ledger.provenance import (
     DeltaRecord,
@@ -26,12 +27,7 @@ from app.ledger.provenance import (
     samples_in_step,
     steps_of_samples,
 )
-from app.ledger.requests import (
-    FiledView,
-    file_request_in_one_statement,
-    file_requests,
-    transition_requests,
-)
+from app.ledger.requests import get_request, transition_requests
 from app.ledger.samples import SampleRecord, register_samples, set_sample_state
 from app.ledger.tables import (
     AuditEvent,
@@ -105,8 +101,7 @@ def test_guarded_request_transitions(session: Session) -> None:
     session.rollback()
     transition_requests(session, [request_id], RequestState.pending, RequestState.processing)
     session.commit()
-    session.refresh(filed.request)
-    assert filed.request.state is RequestState.processing
+    assert get_request(session, request_id).state is RequestState.processing
 
 
 def test_guarded_sample_transitions(session: Session) -> None:
@@ -162,59 +157,60 @@ def forget_events(engine: Engine, sample_id: str) -> int:
         return session.scalar(query) or 0
 
 
-def file_one(statements: StatementPool, sample_id: str, actor: str = "t") -> FiledView:
-    """file_request_in_one_statement, from synchronous code (on a loop of its own)."""
-    return asyncio.run(
-        file_request_in_one_statement(
-            statements, sample_id, actor=actor, note=None, deadline_days=30
-        )
-    )
-
-
 @pytest.mark.postgres
-def test_file_request_in_one_statement_follows_file_requests(pg_engine: Engine) -> None:
-    """PostgreSQL's one-statement path: filed with its event, found again, 404, not live."""
+@pytest.mark.parametrize("path", ["intake", "session"])
+def test_filing_on_postgres_files_finds_and_refuses_unknown(pg_engine: Engine, path: str) -> None:
+    """The statement, awaited (the API) or in a session (the worker, the CLI): filed with its
+    event, found again, 404 for an unknown sample, a failed request not live."""
     sample, other = pg_samples(pg_engine, 2)
 
-    async def scenario() -> tuple[FiledView, FiledView]:
-        statements = StatementPool(pg_engine, 2, 3.0)
+    async def with_intake(sample_ids: list[str], note: str | None) -> list[Filed]:
+        intake = Intake.of(pg_engine, 3.0)
         try:
-            first = await file_request_in_one_statement(
-                statements, sample, actor="t", note="n", deadline_days=30
-            )
-            again = await file_request_in_one_statement(
-                statements, sample, actor="t", note=None, deadline_days=30
-            )
-            with pytest.raises(NotFound):
-                await file_request_in_one_statement(
-                    statements, f"{other}-unknown", actor="t", note=None, deadline_days=30
-                )
-            return first, again
+            return await intake.file(sample_ids, actor="t", note=note, deadline_days=30)
         finally:
-            await statements.close()
+            await intake.close()
 
-    first, again = asyncio.run(scenario())
+    def file(sample_ids: list[str], note: str | None = None) -> list[Filed]:
+        if path == "intake":
+            return asyncio.run(with_intake(sample_ids, note))
+        with open_session(pg_engine) as session:
+            return file_requests(session, sample_ids, actor="t", note=note, deadline_days=30)
+
+    (first,) = file([sample], "n")
+    (again,) = file([sample])
+    with pytest.raises(NotFound, match="-unknown"):
+        file([other, f"{other}-unknown"])
     assert first.created and first.request.state is RequestState.pending
     assert not again.created
-    assert again.request.id == first.request.id
-    assert again.request.received_at == first.request.received_at
+    assert again.request == first.request
     assert again.request.deadline - again.request.received_at == timedelta(days=30)
     assert forget_events(pg_engine, sample) == 1
+    assert forget_events(pg_engine, other) == 0  # all or nothing
     with session_scope(pg_engine) as session:
         row = session.get(DeletionRequest, first.request.id)
         assert row is not None and row.requester_note == "n" and row.requested_by == "t"
         transition_requests(session, [row.id], RequestState.pending, RequestState.failed)
-    retried = file_one(StatementPool(pg_engine, 1, 3.0), sample)
+    retried, known = file([sample, other])
     assert retried.created and retried.request.id != first.request.id  # failed is not live
+    assert known.created and forget_events(pg_engine, other) == 1
     assert forget_events(pg_engine, sample) == 2
 
 
 @pytest.mark.postgres
 def test_file_request_that_loses_a_race_returns_the_winner(pg_engine: Engine) -> None:
     """A concurrent insert for the same sample commits while this statement waits on the
-    unique index: the statement files nothing and runs again to read the winner back."""
-    (sample,) = pg_samples(pg_engine, 1)
-    results: list[FiledView] = []
+    unique index: the statement files nothing and runs again to read the winner back; a
+    sample of the same call that it did file is still reported as created."""
+    sample, alone = pg_samples(pg_engine, 2)
+    results: list[list[Filed]] = []
+
+    def file_both() -> None:
+        intake = Intake(pg_engine, StatementPool(pg_engine, 1, 3.0))
+        results.append(
+            asyncio.run(intake.file([sample, alone], actor="l", note=None, deadline_days=30))
+        )
+
     with pg_engine.connect() as winner:
         winner.execute(
             text(
@@ -223,17 +219,17 @@ def test_file_request_that_loses_a_race_returns_the_winner(pg_engine: Engine) ->
             ),
             {"id": f"won-{sample}", "s": sample},
         )  # not yet committed: the loser's insert waits for it on the unique index
-        loser = threading.Thread(
-            target=lambda: results.append(file_one(StatementPool(pg_engine, 1, 3.0), sample, "l"))
-        )
+        loser = threading.Thread(target=file_both)
         loser.start()
         time.sleep(0.5)
         assert not results  # still waiting
         winner.commit()
     loser.join(10)
-    (filed,) = results
-    assert not filed.created and filed.request.id == f"won-{sample}"
-    assert forget_events(pg_engine, sample) == 0  # the loser recorded nothing
+    ((lost, won),) = results
+    assert not lost.created and lost.request.id == f"won-{sample}"
+    assert won.created and won.request.sample_id == alone
+    assert forget_events(pg_engine, sample) == 0  # the loser recorded nothing for it
+    assert forget_events(pg_engine, alone) == 1
 
 
 @pytest.mark.postgres
@@ -242,21 +238,18 @@ def test_a_statement_survives_a_restarted_server(pg_engine: Engine, postgres_url
     statement runs again on a new one: the caller sees no error."""
     first, second = pg_samples(pg_engine, 2)
 
-    async def scenario() -> tuple[set[int], set[int], FiledView]:
+    async def scenario() -> tuple[set[int], set[int], Filed]:
         statements = StatementPool(pg_engine, 2, 3.0)
+        intake = Intake(pg_engine, statements)
         try:
-            await file_request_in_one_statement(
-                statements, first, actor="t", note=None, deadline_days=30
-            )
+            await intake.file([first], actor="t", note=None, deadline_days=30)
             pid_query = "SELECT pg_backend_pid() FROM pg_sleep(0.1)"
             both = await asyncio.gather(*(statements.run(pid_query, {}) for _ in range(2)))
             dead = {pid for ((pid,),) in both}  # both connections, now idle in the pool
             for pid in dead:
                 _terminate(postgres_url, pid)
             await asyncio.sleep(0.1)
-            filed = await file_request_in_one_statement(
-                statements, second, actor="t", note=None, deadline_days=30
-            )
+            (filed,) = await intake.file([second], actor="t", note=None, deadline_days=30)
             again = await asyncio.gather(*(statements.run(pid_query, {}) for _ in range(2)))
             return dead, {pid for ((pid,),) in again}, filed
         finally:
