@@ -38,8 +38,8 @@ from sqlalchemy.orm import Session
 
 from app.ledger import migrate
 from app.ledger.db import make_engine, open_session
+from app.ledger.filing import file_requests
 from app.ledger.jobs import coalesce_pending_requests
-from app.ledger.requests import file_requests
 from app.ledger.samples import sample_ids
 from app.ledger.tables import Audit, ModelVersion, Split, VersionState
 from app.ledger.versions import alias_target

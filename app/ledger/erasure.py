@@ -5,11 +5,12 @@ For a sample s erased by a request that version C completed (C: the version cert
 s; none when no model needed unlearning):
 
 - raw data: the dataset shards that list s, and any shard object the manifest does not list;
-- step deltas: every step whose batch held s, in every run; every step of a run trained on s to
-  forget it (relabel trains on s's wrong-label copies); every step of a run tainted by s (it held
-  s, or it started from a version that held s) that no kept version's weights are made of (e.g.
-  the first run once exact retraining has replaced it). What amnesiac rollback leaves by design
-  stays: the later steps of a kept version's runs, only indirectly influenced by s;
+- step deltas: every step whose batch held s, in every run; every step of a run that trained to
+  forget s (relabel: it trains on s's wrong-label copies, and it starts from the holder's weights
+  unchanged, so the served weights minus its deltas are the holder's); every step of a run
+  tainted by s (it held s, or it started from a version that held s) that no kept version's
+  weights are made of (e.g. the first run once exact retraining has replaced it). What amnesiac
+  rollback leaves by design stays: the later steps of a kept version's runs, only indirectly influenced by s;
 - weights: every version whose weight lineage (back to its last from-scratch run) holds a step
   with s, except C and its descendants;
 - model caches: the class inversions cached by those versions' weights digests;
@@ -177,10 +178,17 @@ class ErasureGraph:
         holder_ids = {v.id for v in holders}
         whole: dict[int, str] = {}
         for version in self.versions:
-            forgets = found.sample_id in version.details.get("forget", [])
-            if forgets and version.run_id in sample_runs:
-                assert version.run_id is not None
-                whole[version.run_id] = f"trained on the sample to forget it ({version.method})"
+            if version.run_id is None or found.sample_id not in version.details.get("forget", []):
+                continue
+            run = self.runs[version.run_id]
+            # Fine-tuned from a holder's weights as they were (relabel; no rollback first): the
+            # version's weights minus this run's deltas are the holder's, whatever its batches
+            # held. A repair starts from the rolled-back weights; exact retraining from none.
+            from_holder = run.base_version_id in holder_ids and not version.details.get(
+                "rolled_back_steps"
+            )
+            if version.run_id in sample_runs or from_holder:
+                whole[version.run_id] = f"trained to forget the sample ({version.method})"
         kept = {
             v.id
             for v in self.versions

@@ -41,10 +41,10 @@ from sqlalchemy.orm import Session
 from app.certificates import certificate_key, verify_signature
 from app.ledger import migrate
 from app.ledger.db import make_engine, open_session, session_scope
+from app.ledger.filing import file_requests
 from app.ledger.jobs import coalesce_pending_requests, get_job, requests_of_job
 from app.ledger.keys import create_key
 from app.ledger.provenance import steps_of_samples
-from app.ledger.requests import file_requests
 from app.ledger.samples import sample_ids
 from app.ledger.tables import (
     DeletionRequest,

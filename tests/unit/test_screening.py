@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from app.ledger.audits import create_audit, finish_audit
 from app.ledger.clock import utcnow
 from app.ledger.db import make_engine, open_session
+from app.ledger.filing import file_requests
 from app.ledger.impact import ClassCount, class_counts, key_usage, requests_by_key
 from app.ledger.jobs import (
     claim_job,
@@ -22,7 +23,6 @@ from app.ledger.jobs import (
     requests_of_job,
 )
 from app.ledger.provenance import create_run, finish_run, record_steps
-from app.ledger.requests import file_requests
 from app.ledger.samples import SampleRecord, register_samples, set_sample_state
 from app.ledger.tables import (
     DeletionRequest,
