@@ -10,7 +10,8 @@ s; none when no model needed unlearning):
   unchanged, so the served weights minus its deltas are the holder's); every step of a run
   tainted by s (it held s, or it started from a version that held s) that no kept version's
   weights are made of (e.g. the first run once exact retraining has replaced it). What amnesiac
-  rollback leaves by design stays: the later steps of a kept version's runs, only indirectly influenced by s;
+  rollback leaves by design stays: the later steps of a kept version's runs, only indirectly
+  influenced by s;
 - weights: every version whose weight lineage (back to its last from-scratch run) holds a step
   with s, except C and its descendants;
 - model caches: the class inversions cached by those versions' weights digests;
