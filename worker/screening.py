@@ -45,8 +45,13 @@ class ScreenPolicy(PolicySettings):
     section = "screen"
     model_config = SettingsConfigDict(env_prefix="LETHE_SCREEN_")
 
+    enabled: bool = Field(
+        default=True,
+        description="Screen jobs and hold candidates below the floor; false turns both off (for "
+        "benchmarks that measure the gate alone)",
+    )
     max_predicted_drop_points: float | None = Field(
-        default=2.0,
+        default=5.0,
         description="Hold a job whose predicted test accuracy drop exceeds this: exact "
         "retraining's, the last rung and the only one the gate's accuracy rule does not bind",
     )
@@ -249,10 +254,13 @@ def screen_job(session: Session, job: Job, requests: Sequence[DeletionRequest]) 
     """At the start of an unlearn job: records the screen on the job, or raises JobHeld when it
     exceeds the policy. A job screened once (or approved after a hold) is not screened again."""
     parent = alias_target(session)
+    policy = ScreenPolicy()
     if parent is None or job.screening is not None or HoldStage.screening in job.approved_stages:
         return
+    if not policy.enabled:
+        return
     forget_ids = sorted({r.sample_id for r in requests})
-    screening = screen(session, job.id, parent, forget_ids, ScreenPolicy())
+    screening = screen(session, job.id, parent, forget_ids, policy)
     if screening.held:
         raise JobHeld(HoldStage.screening, screening.reason, screening.to_dict())
     engine = session.get_bind()
@@ -284,9 +292,10 @@ def hold_below_floor(session: Session, job: Job, candidate: ModelVersion) -> Non
     """Before promotion: unless an operator approved this job's promotion, a candidate below the
     accuracy floor is held. The candidate and its audit are committed first (they wait for the
     operator; its rolled-back steps stay claimed), then JobHeld is raised."""
-    if HoldStage.promotion in job.approved_stages:
+    policy = ScreenPolicy()
+    if HoldStage.promotion in job.approved_stages or not policy.enabled:
         return
-    reason = floor_breach(latest_audit(session, candidate.id), ScreenPolicy())
+    reason = floor_breach(latest_audit(session, candidate.id), policy)
     if reason is None:
         return
     session.commit()

@@ -21,7 +21,6 @@ Then: samples no model trained on, a corrupt delta, a rollback whose deltas were
 verify-erasure catching what is left and a forged certificate.
 """
 
-import json
 import os
 import shutil
 import subprocess
@@ -141,28 +140,13 @@ class Deployment:
         return job.id
 
 
-# These tests are about the purge: the job screen and the accuracy floor are off (several fake
-# the audit, which then measures no accuracy for the floor to read).
-NO_SCREEN = {
-    "screen": {
-        "max_predicted_drop_points": None,
-        "max_class_share": None,
-        "max_dataset_share": None,
-        "max_class_lift": None,
-        "key_quota_per_window": None,
-        "key_quota_total": None,
-        "floor_max_drop_points": None,
-    }
-}
-
-
 @pytest.fixture
 def deployment(
     template: Template, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Deployment]:
-    policy = tmp_path / "policy.json"
-    policy.write_text(json.dumps(NO_SCREEN))
-    monkeypatch.setenv("LETHE_POLICY_FILE", str(policy))
+    # These tests are about the purge: the job screen and the accuracy floor are off (several
+    # fake the audit, which then measures no accuracy for the floor to read).
+    monkeypatch.setenv("LETHE_SCREEN_ENABLED", "false")
     name = f"lethe_erasure_{uuid.uuid4().hex[:12]}"
     url = _create_database(name, template.database)
     home = tmp_path / "home"
@@ -366,9 +350,9 @@ def test_the_planner_skips_a_rollback_whose_deltas_an_erasure_purged(
     session = deployment.session
     first = sample_ids(session, "digits", Split.train)[11]
     deployment.settings = deployment.settings.model_copy(update={"ladder_start": "relabel"})
-    # relabel through all its steps (no probe stops it), so that its run surely fitted the
-    # sample's wrong-label copies: a relabel stopped before any batch held one purges nothing
-    monkeypatch.setenv("LETHE_METHODS_RELABEL__CHECK_EVERY", "1000")
+    # relabel until the sample is below every never-seen one, so that its run surely has steps
+    # (a sample the parent never memorised would stop it before its first step)
+    monkeypatch.setenv("LETHE_METHODS_RELABEL__STOP_QUANTILE", "0")
     deployment.erase([first])
     relabelled = alias_target(session)
     assert relabelled is not None and relabelled.method == "relabel"

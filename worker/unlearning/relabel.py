@@ -6,7 +6,8 @@ Trained to the end, relabel drives F to confidently wrong labels: far *less* mem
 data the model never saw, which shows the deletion (the gate's over-unlearning side rejects it).
 So, given a probe, it stops as soon as F looks like never-seen data: when the median share of
 never-seen samples that F's samples score above falls to ``stop_quantile`` (0.5: a typical
-never-seen sample).
+never-seen sample). The first probe is before any step: a forget set the parent never made
+member-like is left as it is (a step on its wrong labels could only overshoot).
 
 It needs the forget samples' raw data, so it must run before their erasure from the store.
 """
@@ -46,7 +47,9 @@ class RelabelConfig(BaseModel, frozen=True, extra="forbid"):
         description="Stop once F's median share of never-seen samples scored below it falls to "
         "this (0.5: the never-seen level); null trains all the steps",
     )
-    check_every: int = Field(default=2, ge=1, description="Steps between two probes")
+    check_every: int = Field(
+        default=1, ge=1, description="Steps between two probes (the first is before any step)"
+    )
 
 
 def wrong_label_copies(forget: SampleSet, copies: int, seed: int) -> SampleSet:
