@@ -41,6 +41,10 @@ from worker.scheduler import embedded_services
 # Short waits so that the demo finishes promptly, unless the environment sets them.
 DEMO_TIMINGS = {"coalesce_window_seconds": 2.0, "scheduler_interval_seconds": 0.5}
 DEMO_KEY_NAME = "demo"
+# Batches of 16: a sample is then in one step of 56 per epoch (1.8% of the run), so removing one
+# sample's steps costs the model almost nothing and the planner starts at amnesiac rollback; in
+# batches of 64 (7.1%) the rollback costs about ten points and its repair one or two.
+DEMO_TRAINING = {"dataset": "digits", "batch_size": 16, "epochs": 5}
 # What follow() reads from a polled body: its state, its job (or None), and whether it is over.
 Status = Callable[[dict[str, Any]], tuple[str, dict[str, Any] | None, bool]]
 
@@ -117,7 +121,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> None:
 
 def _finish(args: argparse.Namespace, requests: list[dict[str, Any]]) -> None:
     """Fails, exits or serves until a signal."""
-    if any(r["state"] != RequestState.completed for r in requests):
+    if any(r["state"] != RequestState.completed and not held(r) for r in requests):
         raise DemoFailed("a request did not complete (see its error above)")
     if not args.no_serve:
         print("\nserving until Ctrl-C")
@@ -162,7 +166,7 @@ def walk_through(
     first alone, the others together); returns the requests as the API shows them at the end."""
     serving = _ok(client.get("/models/serving"))["version"]
     if serving is None:
-        job = _ok(client.post("/train", json={"dataset": "digits"}))
+        job = _ok(client.post("/train", json=DEMO_TRAINING))
         number = job["job"]["id"]
         print(f"training on digits (job {number}): the small CNN, then the audit's models")
         job = follow(client, job["links"]["self"], job_status, timeout)
@@ -174,7 +178,7 @@ def walk_through(
     if not chosen:
         raise DemoFailed("every training sample is forgotten already: remove LETHE_HOME's data")
     # One sample alone first: its steps are a small share of the run, so the planner starts at
-    # amnesiac rollback (with a repair fine-tune); then the others together, as one job.
+    # amnesiac rollback; then the others together, as one job.
     done = []
     for group in (chosen[:1], chosen[1:]):
         if not group:
@@ -196,12 +200,15 @@ def job_status(body: dict[str, Any]) -> tuple[str, dict[str, Any] | None, bool]:
 
 
 def request_status(body: dict[str, Any]) -> tuple[str, dict[str, Any] | None, bool]:
-    state = body["state"]
+    """Over once the request is certified or failed, or its job waits for an operator."""
+    state, job = body["state"], body["job"]
+    if held(body):
+        return f"{state}, job held for an operator", job, True
     # The certificate is written by the purge, which follows the completion's commit.
     done = state not in OPEN_REQUEST_STATES and (
         state != RequestState.completed or body["certificate"] is not None
     )
-    return state, body["job"], done
+    return state, job, done
 
 
 def follow(client: httpx.Client, path: str, status: Status, timeout: float) -> dict[str, Any]:
@@ -240,7 +247,8 @@ def print_summary(
     client: httpx.Client, base_url: str, key: str, requests: list[dict[str, Any]]
 ) -> None:
     """Per version that completed requests: the ladder its job climbed (each candidate, its
-    audit's decision and the reason of every rule it failed), test accuracy before and after,
+    audit's decision and the reason of every rule it failed; each rung skipped, and why), test
+    accuracy before and after,
     and the time from the first request to the last completion; then failed requests."""
     for version, group in groupby(sorted(requests, key=_version_of), key=_version_of):
         done = list(group)
@@ -248,10 +256,32 @@ def print_summary(
             print_deletion(client, base_url, version, done)
         else:
             for r in done:
-                print(f"\n{r['sample_id']}: {r['state']}: {r['error']}")
+                print_unfinished(base_url, key, r)
     print(f"\ndashboard:    {base_url}/dashboard (enter the API key once)")
     print(f"API key:      {key}")
     print(f'  curl -H "X-API-Key: {key}" {base_url}/models/serving')
+
+
+def held(request: dict[str, Any]) -> bool:
+    """Its job waits for an operator (approve or reject): not a failure, the screen's or the
+    gate's call."""
+    job = request["job"]
+    return bool(job) and job.get("state") == JobState.held
+
+
+def print_unfinished(base_url: str, key: str, request: dict[str, Any]) -> None:
+    """A failed request with its error, or one whose job is held, with the operator's calls."""
+    job = request["job"]
+    if not held(request):
+        print(f"\n{request['sample_id']}: {request['state']}: {request['error']}")
+        return
+    stage, reason = job["hold_stage"], job["hold_reason"]
+    print(f"\n{request['sample_id']}: held for an operator ({stage}): {reason}")
+    for verb in ("approve", "reject"):
+        print(
+            f'  curl -X POST -H "X-API-Key: {key}" -H "content-type: application/json" '
+            f'-d \'{{"reason": "..."}}\' {base_url}/jobs/{job["id"]}/{verb}'
+        )
 
 
 def _version_of(request: dict[str, Any]) -> str:
@@ -278,6 +308,8 @@ def print_deletion(
         for reason in audit.get("reasons", []):
             if isinstance(reason, dict) and not reason.get("passed", True):
                 print(f"      failed {reason.get('rule')}: {reason.get('reason')}")
+    for note in detail["details"].get("ladder_notes", []):
+        print(f"    {'':<5} {note['method']:<16} {note['outcome']}: {note['reason']}")
     test = audits[version].get("metrics", {}).get("utility", {}).get("test", {})
     if test.get("parent") is not None and test.get("candidate") is not None:
         print(

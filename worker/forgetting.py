@@ -48,7 +48,7 @@ from worker.screening import (
     screen_job,
 )
 from worker.store import ArtifactStore, IntegrityError
-from worker.unlearning import LADDER, MethodOptions, plan, unlearn
+from worker.unlearning import LADDER, MethodOptions, NothingToUnlearn, plan, unlearn
 
 
 class LadderExhausted(Exception):
@@ -123,9 +123,9 @@ def forget(
 ) -> ModelVersion:
     """Climbs the ladder from the planner's rung, past the rungs that cannot run; promotes the
     first candidate of ``parent`` (the serving version) whose audit passes and completes the
-    requests with it. An object whose
-    bytes fail their recorded sha256 ends its rung, recorded on the job. Raises
-    LadderExhausted after the last rung."""
+    requests with it. An object whose bytes fail their recorded sha256 ends its rung, recorded on
+    the job; a method that would change nothing is skipped, recorded in the ladder's notes.
+    Raises LadderExhausted after the last rung."""
     forget_ids = sorted({r.sample_id for r in requests})
     planned = plan(session, parent, forget_ids)
     first = settings.ladder_start or planned.method
@@ -154,6 +154,9 @@ def forget(
             session.rollback()  # the rung's half-made candidate goes; the job records why
             notes.append(_integrity_failure(session, job, method, error))
             session.commit()
+            continue
+        except NothingToUnlearn as error:
+            notes.append({"method": method, "outcome": "skipped", "reason": str(error)})
             continue
         tried.append(rung)
         if rung.decision == AuditDecision.passed:

@@ -226,8 +226,8 @@ def train(
     stop: Callable[[int], bool] | None = None,
 ) -> TrainResult:
     """Trains ``model`` in place on ``data`` with cross-entropy; the data order is seeded.
-    ``stop``, if given, is asked before the first step and after every step (with the number of
-    steps taken) whether to end there."""
+    ``stop``, if given, is asked after every step (with the number of steps taken) whether to end
+    there."""
     if len(data) == 0:
         raise ValueError("nothing to train on: the data set is empty")
     model.to(device).train()
@@ -239,8 +239,6 @@ def train(
     if recorder:
         recorder.watch(model)
     step, loss = 0, torch.tensor(math.nan)
-    if stop is not None and stop(0):
-        total = 0
     try:
         while step < total:
             for batch in epoch_batches(

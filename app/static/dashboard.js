@@ -453,23 +453,37 @@ async function fillPlot(figure, name, path, stamp) {
       figure.replaceChildren(image, el("figcaption", { text: name }));
       return;
     }
-    const certificate = certificateOf(outcome.gone);
-    figure.className = "purged";
-    figure.replaceChildren(el("strong", { text: "purged" }), el("figcaption", { text: name }));
-    if (certificate) figure.append(certificateButton("certificate", `Certificate for ${name}`, () => getJson(certificate)));
+    showPurged(figure, name, certificateOf(outcome.gone));
   } catch (error) {
     figure.replaceChildren(el("p", { class: "problem", text: `${name}: ${problemText(error)}` }));
   }
 }
 
+// A plot an erasure purged: said so in its place, with the certificate that purged it.
+function showPurged(figure, name, certificate) {
+  figure.className = "purged";
+  figure.replaceChildren(el("strong", { text: "purged" }), el("figcaption", { text: name }));
+  if (certificate) figure.append(certificateButton("certificate", `Certificate for ${name}`, () => getJson(certificate)));
+}
+
+const IMAGE = /\.(png|jpe?g|svg)$/i;
+
+// The audit's plots: those still stored load on demand; those the API lists as purged (or that
+// answer 410 when fetched) show as purged.
 function plots(audit, body) {
-  const images = Object.entries(audit.artifacts || {}).filter(([name]) => /\.(png|jpe?g|svg)$/i.test(name));
-  if (!images.length) return body.replaceChildren(el("p", { class: "empty", text: "No plot." }));
+  const images = Object.entries(audit.artifacts || {}).filter(([name]) => IMAGE.test(name));
+  const purged = Object.entries(audit.purged_artifacts || {}).filter(([name]) => IMAGE.test(name));
+  if (!images.length && !purged.length) return body.replaceChildren(el("p", { class: "empty", text: "No plot." }));
   const figures = images.map(([name, path]) => {
     const figure = el("figure", {}, el("figcaption", { text: `${name}: loading…` }));
     fillPlot(figure, name, path, audit.finished_at);
     return figure;
   });
+  for (const [name, purge] of purged) {
+    const figure = el("figure");
+    showPurged(figure, name, (purge.certificates || [])[0] || null);
+    figures.push(figure);
+  }
   body.replaceChildren(el("div", { class: "plots" }, ...figures));
 }
 
@@ -515,7 +529,7 @@ function versionCard(version, servingName, result) {
   }
   if (version.weights_purged) card.append(el("p", { class: "muted", text: "weights purged (they held erased samples)" }));
   if (audit.state === "done") {
-    const count = Object.keys(audit.artifacts || {}).filter((n) => /\.(png|jpe?g|svg)$/i.test(n)).length;
+    const count = [...Object.keys(audit.artifacts || {}), ...Object.keys(audit.purged_artifacts || {})].filter((n) => IMAGE.test(n)).length;
     card.append(
       el(
         "div",

@@ -381,7 +381,7 @@ def test_one_screen_answers_at_a_glance_and_survives_a_purged_plot(
 def test_the_dashboard_after_real_deletions(
     demo_run: DemoRun, browser: Any, tmp_path: Path
 ) -> None:
-    """``lethe demo``'s ledger and store: a model trained, three samples forgotten, certified,
+    """``lethe demo``'s ledger and store: a model trained, samples forgotten and certified,
     and the serving version's inversion image purged; two requests left open (one overdue)."""
     from selenium.webdriver.common.by import By
 
@@ -394,7 +394,10 @@ def test_the_dashboard_after_real_deletions(
         file_requests(session, open_ids[:1], actor="test", note=None, deadline_days=30)
         file_requests(session, open_ids[1:], actor="test", note=None, deadline_days=-3)
         key = create_key(session, "dashboard", ["status:read", "audit:read"], actor="test")
-        forgotten = [r.sample_id for r in session.scalars(select(DeletionRequest))][:3]
+        forgotten = session.scalars(
+            select(DeletionRequest.sample_id).where(DeletionRequest.state == RequestState.completed)
+        ).all()
+        assert forgotten  # the lone sample's job, at least, served (or the demo test fails)
         serving = alias_target(session)
         assert serving is not None
     engine.dispose()

@@ -11,7 +11,7 @@ from sqlalchemy import Engine, select
 
 from app.ledger.db import make_engine, open_session
 from app.ledger.keys import KEY_PREFIX, find_active_key
-from app.ledger.tables import ApiKey, DeletionRequest, RequestState
+from app.ledger.tables import ApiKey, DeletionRequest, Job, JobState, ModelVersion, RequestState
 from app.ledger.versions import alias_target
 from app.settings import Settings
 from tests.conftest import DemoRun
@@ -113,6 +113,9 @@ def test_a_taken_port_is_refused_with_a_clear_message(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_the_demo_trains_forgets_and_certifies_through_the_api(demo_run: DemoRun) -> None:
+    """Whatever the gate decides on this machine's training: every request ends forgotten with
+    its ladder and certificate, or held for an operator with the reason and the calls to make;
+    the lone sample's job starts at a rollback rung."""
     result = demo_run.result
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr
@@ -121,26 +124,52 @@ def test_the_demo_trains_forgets_and_certifies_through_the_api(demo_run: DemoRun
     assert re.search(r"^  training \(\d+ steps\)$", out, re.MULTILINE)
     assert "  audit models: reference models (8 models)\n" in out
     assert re.search(r"^  [a-z+-]+ \(rung \d of 4\): audit: membership attacks$", out, re.MULTILINE)
-    # The summary: the samples, the ladder with each candidate's decision, accuracy, time.
-    summary = re.search(r"^(digits-\d+(?:, digits-\d+)*): forgotten in (v\d+) by (\S+)$", out, re.M)
-    assert summary is not None and len(summary.group(1).split(", ")) == 3
-    version, method = summary.group(2), summary.group(3)
-    rungs = re.findall(r"^    (v\d+) +(\S+) +(pass|fail)$", out, re.MULTILINE)
-    assert rungs and rungs[-1] == (version, method, "pass")
-    assert all(decision == "fail" for _, _, decision in rungs[:-1])
-    assert len(re.findall(r"^      failed \w+: .+$", out, re.MULTILINE)) >= len(rungs) - 1
-    assert re.search(rf"test accuracy: \d+\.\d% before \(v1\), \d+\.\d% after \({version}\)", out)
-    assert re.search(r"^  time from request to completion: (\d+ min )?\d+ s$", out, re.MULTILINE)
-    assert out.count("/certificate") == 3 and f"/audit/{version}" in out
+    # The summary, per job that served: the samples, the ladder with each candidate's decision,
+    # accuracy before and after, time. Per request held: the reason and the operator's calls.
+    forgotten = [b for b in out.split("\n\n") if re.match(r"digits-[-\d, ]+: forgotten in", b)]
+    held = re.findall(r"^(digits-\d+): held for an operator \(\w+\): .+$", out, re.MULTILINE)
+    assert out.count("/approve") == out.count("/reject") == len(held)
+    served: list[str] = []
+    for block in forgotten:
+        job = re.match(
+            r"^(digits-\d+(?:, digits-\d+)*): forgotten in (v\d+) by (\S+)$", block, re.M
+        )
+        assert job is not None
+        served += job.group(1).split(", ")
+        version, method = job.group(2), job.group(3)
+        rungs = re.findall(r"^    (v\d+) +(\S+) +(pass|fail)$", block, re.MULTILINE)
+        assert rungs and rungs[-1] == (version, method, "pass")
+        assert all(decision == "fail" for _, _, decision in rungs[:-1])
+        assert len(re.findall(r"^      failed \w+: .+$", block, re.MULTILINE)) >= len(rungs) - 1
+        assert re.search(
+            rf"test accuracy: \d+\.\d% before \(v\d+\), \d+\.\d% after \({version}\)", block
+        )
+        assert re.search(r"^  time from request to completion: (\d+ min )?\d+ s$", block, re.M)
+        assert f"/audit/{version}" in block
+    assert len(served) + len(held) == 3 and out.count("/certificate") == len(served)
     key = re.search(r"^API key: +(\S+)$", out, re.MULTILINE)
     assert key is not None and key.group(1).startswith(KEY_PREFIX)
 
     engine = make_engine(Settings(home=demo_run.home).resolved_database_url)
     with open_session(engine) as session:
         requests = session.scalars(select(DeletionRequest)).all()
-        assert [r.state for r in requests] == [RequestState.completed] * 3
-        assert all(r.certificate is not None for r in requests)
+        completed = {r.sample_id for r in requests if r.state is RequestState.completed}
+        assert completed == set(served)
+        assert all(r.certificate is not None for r in requests if r.sample_id in completed)
+        held_jobs = {
+            r.sample_id for r in requests if session.get(Job, r.job_id).state is JobState.held
+        }
+        assert held_jobs == set(held)
         serving = alias_target(session)
-        assert serving is not None and (serving.version, serving.method) == (version, method)
+        assert serving is not None
+        if forgotten:  # the last job that served serves
+            assert f"forgotten in {serving.version} by {serving.method}" in forgotten[-1]
+        # One sample of 898 in batches of 16 is in 1.8% of the steps: the planner starts its job
+        # at a rollback rung (whether the candidate passes is the gate's to say).
+        lone = min(requests, key=lambda r: r.received_at)
+        first = session.scalars(
+            select(ModelVersion).where(ModelVersion.job_id == lone.job_id).order_by(ModelVersion.id)
+        ).first()
+        assert first is not None and first.method in ("amnesiac", "amnesiac+repair")
         assert find_active_key(session, key.group(1)) is not None
     engine.dispose()

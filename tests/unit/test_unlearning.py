@@ -3,6 +3,7 @@
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
+import numpy as np
 import pytest
 import torch
 from sqlalchemy import select
@@ -33,6 +34,7 @@ from worker.training import (
 )
 from worker.unlearning import (
     LADDER,
+    NothingToUnlearn,
     PlannerPolicy,
     RelabelConfig,
     amnesiac_rollback,
@@ -196,6 +198,35 @@ def test_relabel_unlearning_drops_forget_accuracy_to_chance(ctx: Trained) -> Non
     assert ctx.accuracy_on(candidate, forget) <= 0.1 + 1e-6  # chance for 10 classes
     assert abs(ctx.test_accuracy(candidate) - ctx.test_accuracy(ctx.v1)) <= 0.02
     assert members_of_run(ctx.session, candidate.run_id, forget) == set(forget)
+
+
+class FixedProbe:
+    """A probe that reads the forget set at a given quantile of the never-seen samples, until
+    the model's weights change."""
+
+    def __init__(self, parent: torch.nn.Module, quantile: float) -> None:
+        self.parent = [p.detach().clone() for p in parent.parameters()]
+        self.quantile = quantile
+
+    def quantiles(self, model: torch.nn.Module) -> np.ndarray:
+        unchanged = all(
+            torch.equal(a, b) for a, b in zip(self.parent, model.parameters(), strict=True)
+        )
+        return np.full(2, self.quantile if unchanged else 0.0)
+
+
+def test_relabel_refuses_to_serve_the_parent_unchanged(ctx: Trained) -> None:
+    """A forget set already at the never-seen level would stop relabel before its first step:
+    the candidate would be the parent's own weights, trained on F. It refuses instead; a
+    member-like forget set is relabelled until the probe says it reached that level."""
+    forget = ctx.train.sample_ids[40:42]
+    at_level = FixedProbe(ctx.model(ctx.v1), quantile=0.5)
+    with pytest.raises(NothingToUnlearn, match="never-seen level"):
+        relabel_unlearning(ctx.session, ctx.store, ctx.v1, forget, CPU, probe=at_level)  # type: ignore[arg-type]
+    member_like = FixedProbe(ctx.model(ctx.v1), quantile=0.9)
+    candidate = relabel_unlearning(ctx.session, ctx.store, ctx.v1, forget, CPU, probe=member_like)  # type: ignore[arg-type]
+    assert candidate.details["relabel_stop"]["step"] == 1  # the first probe, after one step
+    assert get_run(ctx.session, candidate.run_id).num_steps == 1
 
 
 def test_exact_retraining_never_sees_the_forget_set(ctx: Trained) -> None:

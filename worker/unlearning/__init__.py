@@ -6,6 +6,7 @@ from worker.unlearning.amnesiac import (
     purge_deltas,
     subtract_steps,
 )
+from worker.unlearning.common import NothingToUnlearn
 from worker.unlearning.methods import METHODS, MethodOptions, unlearn
 from worker.unlearning.planner import LADDER, Plan, PlannerPolicy, plan
 from worker.unlearning.relabel import RelabelConfig, relabel_unlearning
@@ -15,6 +16,7 @@ __all__ = [
     "LADDER",
     "METHODS",
     "MethodOptions",
+    "NothingToUnlearn",
     "Plan",
     "PlannerPolicy",
     "RelabelConfig",

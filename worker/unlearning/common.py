@@ -16,6 +16,12 @@ from worker.store import ArtifactStore
 from worker.training import Progress, TrainConfig, model_spec, store_weights, train_recorded
 
 
+class NothingToUnlearn(Exception):
+    """The method would leave the parent's weights as they are: they were trained on the forget
+    set, so an unchanged copy erases nothing, whatever an audit could measure. The ladder goes
+    on to the next rung."""
+
+
 def continued_config(
     session: Session,
     version: ModelVersion,

@@ -6,8 +6,10 @@ Trained to the end, relabel drives F to confidently wrong labels: far *less* mem
 data the model never saw, which shows the deletion (the gate's over-unlearning side rejects it).
 So, given a probe, it stops as soon as F looks like never-seen data: when the median share of
 never-seen samples that F's samples score above falls to ``stop_quantile`` (0.5: a typical
-never-seen sample). The first probe is before any step: a forget set the parent never made
-member-like is left as it is (a step on its wrong labels could only overshoot).
+never-seen sample), probing after every ``check_every`` steps. When F already scores at that
+level under the parent (the parent never made it measurably member-like), relabel would stop
+before its first step and serve the parent's own weights, which were trained on F: it refuses
+(``NothingToUnlearn``) and the ladder goes on to a rung that removes F's updates.
 
 It needs the forget samples' raw data, so it must run before their erasure from the store.
 """
@@ -26,6 +28,7 @@ from worker.data import SampleSet, load_samples
 from worker.store import ArtifactStore
 from worker.training import Progress, load_model, model_spec, new_version
 from worker.unlearning.common import (
+    NothingToUnlearn,
     continued_config,
     fine_tune_candidate,
     finish_candidate,
@@ -48,7 +51,7 @@ class RelabelConfig(BaseModel, frozen=True, extra="forbid"):
         "this (0.5: the never-seen level); null trains all the steps",
     )
     check_every: int = Field(
-        default=1, ge=1, description="Steps between two probes (the first is before any step)"
+        default=1, ge=1, description="Steps between two probes (the first is after the first step)"
     )
 
 
@@ -84,6 +87,14 @@ def relabel_unlearning(
         wrong_label_copies(forget, config.copies, config.seed)
     )
     model = load_model(store, parent, device)
+    if probe is not None and config.stop_quantile is not None:
+        median = float(np.median(probe.quantiles(model)))
+        if median <= config.stop_quantile:
+            raise NothingToUnlearn(
+                f"the forget set already scores at the never-seen level under the parent "
+                f"(median quantile {median:.2f} <= {config.stop_quantile}): relabel would stop "
+                "before its first step, and the parent's unchanged weights were trained on it"
+            )
     version = new_version(
         session,
         model_spec(parent),
