@@ -90,6 +90,16 @@ def test_exact_retraining_reports_its_accuracy_unless_the_policy_binds_it() -> N
     assert failed(worse, binding, method="retrain-exact") == {"test_accuracy"}
 
 
+def test_exact_retraining_reports_its_two_version_change_unless_the_policy_binds_it() -> None:
+    moved = metrics(forget_change=8.0)
+    assert failed(moved, method="retrain-exact") == set()
+    rules = {r["rule"]: r for r in decide(moved, GatePolicy(), "retrain-exact").reasons}
+    assert not rules["two_version"]["enforced"]
+    assert rules["two_version"]["reason"].startswith("reported, not enforced")
+    binding = GatePolicy(two_version_binds_exact_retraining=True)
+    assert failed(moved, binding, method="retrain-exact") == {"two_version"}
+
+
 def test_paired_accuracy_counts_discordant_pairs() -> None:
     parent = np.array([True, True, True, False, False, True])
     candidate = np.array([True, False, False, True, False, True])
