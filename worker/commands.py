@@ -191,10 +191,13 @@ def _run_method(
     device: "torch.device",
     progress: Progress,
 ) -> ModelVersion:
-    from worker.unlearning import MethodOptions, RelabelConfig, unlearn
+    from worker.unlearning import MethodOptions, NothingToUnlearn, RelabelConfig, unlearn
 
     relabel = RelabelConfig(**_given(args, {"copies": "copies", "relabel_steps": "steps"}))
     given = _given(args, {"repair_steps": "repair_steps", "naive_steps": "naive_steps"})
     options = MethodOptions(relabel=relabel, **given)
     method = "retrain-exact" if args.method == "retrain" else args.method
-    return unlearn(session, store, parent, args.sample_ids, method, device, options, progress)
+    try:
+        return unlearn(session, store, parent, args.sample_ids, method, device, options, progress)
+    except NothingToUnlearn as error:
+        sys.exit(f"lethe forget: {method} made no candidate: {error}")
