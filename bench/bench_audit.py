@@ -65,6 +65,7 @@ class MembershipProbe:
     """Shadow, calibrated and LiRA figures of any version on a fixed F and H."""
 
     def __init__(self, world: World, parent: ModelVersion, forget_ids: list[str]) -> None:
+        assert parent.run_id is not None
         config = TrainConfig.from_dict(get_run(world.session, parent.run_id).hyperparameters)
         self.world = world
         self.sets = {
@@ -104,9 +105,10 @@ class MembershipProbe:
             self.reference_phi["heldout"],
             (0.001, 0.01),
         ).figures
-        correct = lambda name: float(  # noqa: E731
-            (out[name].argmax(1) == self.sets[name].labels).float().mean()
-        )
+
+        def correct(name: str) -> float:
+            return float((out[name].argmax(1) == self.sets[name].labels).float().mean())
+
         return {
             "forget_accuracy": correct("forget"),
             "test_accuracy": correct("test"),
@@ -187,6 +189,7 @@ def figure7(world: World, config: TrainConfig, seeds: int) -> dict[str, Any]:
             world.session, world.store, DATASET, "small-cnn", replace(config, seed=seed), CPU
         )
         world.session.commit()
+        assert version.run_id is not None
         run = get_run(world.session, version.run_id)
         baseline = accuracy(load_model(world.store, version, CPU), test, CPU)
         chooser = np.random.default_rng(seed)

@@ -341,8 +341,8 @@ def summary(results: list[ConfigResult]) -> str:
         rejected = sum(not r.passed for r in result.retrains)
         two_version = sum(r.two_version_p < GatePolicy().two_version_alpha for r in result.retrains)
         loo = sum(abs(r.separation_loo) > DISTINGUISHABLE for r in result.retrains)
-        served = [t for t in result.trials if t.served_by]
-        cheaper = sum(t.served_by != "retrain-exact" for t in served)
+        promoted = [t for t in result.trials if t.served_by]
+        cheaper = sum(t.served_by != "retrain-exact" for t in promoted)
         audit = float(np.median(result.audit_seconds)) if result.audit_seconds else float("nan")
         lines.append(
             f"- {result.config}: exact retrains rejected by the gate {rejected}/"
@@ -350,8 +350,8 @@ def summary(results: list[ConfigResult]) -> str:
             f"{two_version}/{len(result.retrains)}); retrains the attack calls distinguishable "
             "(leave-one-out) "
             f"{loo}/{len(result.retrains)}; promoted versions distinguishable "
-            f"{sum(bool(t.distinguishable) for t in served)}/{len(served)}; served by a method "
-            f"cheaper than exact retraining {cheaper}/{len(served)}; audit (median, per "
+            f"{sum(bool(t.distinguishable) for t in promoted)}/{len(promoted)}; served by a "
+            f"method cheaper than exact retraining {cheaper}/{len(promoted)}; audit (median, per "
             f"version) {audit:.2f} s against one training run {result.train_seconds:.2f} s "
             f"({100 * audit / result.train_seconds:.0f}%)"
         )

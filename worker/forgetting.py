@@ -118,7 +118,7 @@ def forget(
     job: Job,
     parent: ModelVersion,
     requests: Sequence[DeletionRequest],
-    progress: Progress,
+    progress: Progress | None,
     settings: Settings,
 ) -> ModelVersion:
     """Climbs the ladder from the planner's rung, past the rungs that cannot run; promotes the

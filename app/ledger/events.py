@@ -1,4 +1,5 @@
-"""The append-only audit trail: every mutation writes one event in its own transaction."""
+"""The append-only audit trail: every mutation writes one event, in the transaction of the
+mutation it records (the caller commits both or neither)."""
 
 from typing import Any
 

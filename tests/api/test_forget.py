@@ -128,7 +128,7 @@ def test_idempotency_key_replays_and_refuses_another_body(api: Api) -> None:
     assert count_requests(api, "toy-021") == 0
 
 
-def test_idempotency_key_in_flight_is_409(api: Api) -> None:
+def test_an_idempotency_key_in_flight_with_another_body_is_422(api: Api) -> None:
     key_id = _key_id(api)
     hash_of_first = "f" * 64
     with open_session(api.engine) as session:

@@ -31,9 +31,9 @@ from torch import nn
 from app.ledger.erasure import REFERENCES_PREFIX
 from worker.data import SampleSet
 from worker.nets import ModelSpec, build_model
-from worker.progress import Step
+from worker.progress import Progress, Step
 from worker.store import ArtifactStore
-from worker.training import Progress, TrainConfig, train
+from worker.training import TrainConfig, train
 
 Tensors = dict[str, torch.Tensor]
 

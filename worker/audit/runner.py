@@ -37,9 +37,9 @@ from worker.audit.unlearning_mia import (
     two_version_mia,
 )
 from worker.data import SampleSet, load_samples, load_split
-from worker.progress import Step, within
+from worker.progress import Progress, Step, within
 from worker.store import ArtifactStore
-from worker.training import Progress, TrainConfig, load_model, model_spec
+from worker.training import TrainConfig, load_model, model_spec
 
 SETS = ("forget", "heldout", "test", "retained")
 

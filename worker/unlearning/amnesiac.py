@@ -28,10 +28,9 @@ from app.ledger.provenance import (
 )
 from app.ledger.tables import ModelVersion, StepDelta, VersionState
 from worker.nets import tracked_entries
-from worker.progress import within
+from worker.progress import Progress, within
 from worker.store import ArtifactStore
 from worker.training import (
-    Progress,
     ProgressReporter,
     load_model,
     model_spec,

@@ -12,8 +12,9 @@ from app.ledger.provenance import root_run
 from app.ledger.tables import ModelVersion, Split, VersionState
 from app.ledger.versions import transition_version
 from worker.data import SampleSet, load_split
+from worker.progress import Progress
 from worker.store import ArtifactStore
-from worker.training import Progress, TrainConfig, model_spec, store_weights, train_recorded
+from worker.training import TrainConfig, model_spec, store_weights, train_recorded
 
 
 class NothingToUnlearn(Exception):

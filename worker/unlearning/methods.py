@@ -12,8 +12,8 @@ from app.ledger.provenance import root_run
 from app.ledger.tables import ModelVersion
 from worker.audit.runner import forget_probe
 from worker.config import PolicySettings
+from worker.progress import Progress
 from worker.store import ArtifactStore
-from worker.training import Progress
 from worker.unlearning.amnesiac import amnesiac_rollback
 from worker.unlearning.relabel import RelabelConfig, relabel_unlearning
 from worker.unlearning.retrain import exact_retrain, naive_retrain

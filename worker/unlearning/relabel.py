@@ -25,8 +25,9 @@ from app.ledger.provenance import root_run
 from app.ledger.tables import ModelVersion, VersionState
 from worker.audit.probe import ForgetProbe
 from worker.data import SampleSet, load_samples
+from worker.progress import Progress
 from worker.store import ArtifactStore
-from worker.training import Progress, load_model, model_spec, new_version
+from worker.training import load_model, model_spec, new_version
 from worker.unlearning.common import (
     NothingToUnlearn,
     continued_config,

@@ -10,9 +10,9 @@ from sqlalchemy.orm import Session
 from app.ledger.provenance import root_run
 from app.ledger.tables import ModelVersion, VersionState
 from worker.nets import build_model
+from worker.progress import Progress
 from worker.store import ArtifactStore
 from worker.training import (
-    Progress,
     TrainConfig,
     load_model,
     model_spec,
