@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from app.ledger.db import get_engine, session_scope
 from app.ledger.errors import NotFound
 from app.ledger.samples import missing_samples
-from app.ledger.tables import ModelVersion, Split
+from app.ledger.tables import UNLEARNING_METHODS, Method, ModelVersion, Split
 from app.ledger.versions import alias_target, get_version
 from app.settings import get_settings
 from worker.progress import PhaseBars, Progress, within
@@ -72,15 +72,7 @@ def add_worker_commands(commands: "argparse._SubParsersAction[argparse.ArgumentP
     )
     forget.add_argument(
         "--method",
-        # Spelled out: importing worker.unlearning would load torch for every command.
-        choices=(
-            "amnesiac",
-            "amnesiac+repair",
-            "relabel",
-            "retrain-exact",
-            "retrain-naive",
-            "retrain",
-        ),
+        choices=(*UNLEARNING_METHODS, "retrain"),
         default="amnesiac",
         help="unlearning method (default amnesiac); retrain is short for retrain-exact",
     )
@@ -196,7 +188,7 @@ def _run_method(
     relabel = RelabelConfig(**_given(args, {"copies": "copies", "relabel_steps": "steps"}))
     given = _given(args, {"repair_steps": "repair_steps", "naive_steps": "naive_steps"})
     options = MethodOptions(relabel=relabel, **given)
-    method = "retrain-exact" if args.method == "retrain" else args.method
+    method = Method.retrain_exact if args.method == "retrain" else Method(args.method)
     try:
         return unlearn(session, store, parent, args.sample_ids, method, device, options, progress)
     except NothingToUnlearn as error:

@@ -56,7 +56,10 @@ class LadderExhausted(Exception):
 
 
 @dataclass(frozen=True)
-class Rung:
+class TriedRung:
+    """A candidate the ladder made and its audit's outcome (the planner's ``Rung`` is a rung
+    not yet tried, with its prediction)."""
+
     method: str
     version: str
     audit_id: int
@@ -197,7 +200,7 @@ def _integrity_failure(
     return failure
 
 
-def _rejected_rungs(session: Session, job: Job) -> list[Rung]:
+def _rejected_rungs(session: Session, job: Job) -> list[TriedRung]:
     rungs = []
     for version in versions_of_job(session, job.id):
         audit = latest_audit(session, version.id)
@@ -208,9 +211,9 @@ def _rejected_rungs(session: Session, job: Job) -> list[Rung]:
 
 def _rung(
     version: ModelVersion, audit_id: int, decision: str, reasons: list[dict[str, Any]]
-) -> Rung:
+) -> TriedRung:
     failed = [str(reason["rule"]) for reason in reasons if not reason["passed"]]
-    return Rung(version.method, version.version, audit_id, decision, failed)
+    return TriedRung(version.method, version.version, audit_id, decision, failed)
 
 
 def _try_rung(
@@ -222,7 +225,7 @@ def _try_rung(
     method: str,
     device: torch.device,
     progress: Progress | None,
-) -> tuple[ModelVersion, Rung]:
+) -> tuple[ModelVersion, TriedRung]:
     candidate = unlearn(
         session,
         store,
@@ -266,7 +269,7 @@ def _promote(
     job: Job,
     candidate: ModelVersion,
     requests: Sequence[DeletionRequest],
-    tried: list[Rung],
+    tried: list[TriedRung],
 ) -> ModelVersion:
     hold_below_floor(session, job, candidate)  # JobHeld below the accuracy floor
     _complete(session, job, candidate, requests, tried)
@@ -278,7 +281,7 @@ def _complete(
     job: Job,
     candidate: ModelVersion,
     requests: Sequence[DeletionRequest],
-    tried: list[Rung],
+    tried: list[TriedRung],
 ) -> None:
     rung = tried[-1]
     candidate.details = {**candidate.details, "ladder": [vars(r) for r in tried]}

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from torch import nn
 
 from app.ledger.provenance import DeltaRecord, create_run, finish_run, record_steps
-from app.ledger.tables import ModelVersion, Split, VersionState
+from app.ledger.tables import Method, ModelVersion, Split, VersionState
 from app.ledger.versions import alias_target, create_version, promote
 from worker.data import SampleSet, load_split
 from worker.nets import ModelSpec, build_model, tracked_entries
@@ -395,7 +395,7 @@ def train_first_version(
     version = new_version(
         session,
         spec,
-        method="train",
+        method=Method.train,
         state=VersionState.candidate,
         run_id=run.run_id,
         details={"dataset": dataset, "test_accuracy": accuracy(model, test, device)},

@@ -80,6 +80,20 @@ OPEN_REQUEST_STATES = (RequestState.pending, RequestState.processing)
 LIVE_REQUEST_STATES = (*OPEN_REQUEST_STATES, RequestState.completed)
 
 
+class Method(enum.StrEnum):
+    """How a version's weights were made: trained, or one of the unlearning methods."""
+
+    train = "train"
+    amnesiac = "amnesiac"
+    amnesiac_repair = "amnesiac+repair"
+    relabel = "relabel"
+    retrain_exact = "retrain-exact"
+    retrain_naive = "retrain-naive"
+
+
+UNLEARNING_METHODS = tuple(m for m in Method if m is not Method.train)
+
+
 class JobKind(enum.StrEnum):
     train = "train"
     unlearn = "unlearn"

@@ -3,17 +3,18 @@ policies read from the environment and the policy file."""
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from app.settings import Settings
 from worker.audit.config import AuditConfig
 from worker.audit.gate import GatePolicy, decide
 from worker.audit.stats import paired_accuracy
 from worker.audit.unlearning_mia import two_version_change
-from worker.unlearning import MethodOptions, PlannerPolicy
+from worker.unlearning import LADDER, MethodOptions, PlannerPolicy
 
 RULES = {"per_sample_membership", "two_version", "test_accuracy"}
 
@@ -149,3 +150,9 @@ def test_the_documented_gpu_profile_loads() -> None:
     sections = json.loads(profile.read_text())
     assert AuditConfig(**sections["audit"]).reference_models >= 16
     GatePolicy(**sections.get("gate", {}))
+
+
+def test_the_ladder_settings_name_the_ladders_methods() -> None:
+    """LETHE_LADDER_START is a literal in the torch-free settings; it names the same rungs."""
+    annotation = Settings.model_fields["ladder_start"].annotation
+    assert get_args(annotation) == ("", *LADDER)

@@ -28,9 +28,10 @@ from typing import Any
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from app.ledger.tables import Method
 from worker.config import PolicySettings
 
-EXACT_RETRAINING = "retrain-exact"
+EXACT_RETRAINING = Method.retrain_exact
 
 
 class AuditDecision(StrEnum):

@@ -26,7 +26,7 @@ from app.ledger.provenance import (
     steps_of_samples,
     weight_lineage,
 )
-from app.ledger.tables import ModelVersion, StepDelta, VersionState
+from app.ledger.tables import Method, ModelVersion, StepDelta, VersionState
 from worker.nets import tracked_entries
 from worker.progress import Progress, within
 from worker.store import ArtifactStore
@@ -153,7 +153,7 @@ def amnesiac_rollback(
     version = new_version(
         session,
         model_spec(parent),
-        method="amnesiac+repair" if repair_steps else "amnesiac",
+        method=Method.amnesiac_repair if repair_steps else Method.amnesiac,
         state=VersionState.training,
         parent_id=parent.id,
         details={

@@ -9,7 +9,7 @@ from pydantic_settings import SettingsConfigDict
 from sqlalchemy.orm import Session
 
 from app.ledger.provenance import root_run
-from app.ledger.tables import ModelVersion
+from app.ledger.tables import UNLEARNING_METHODS, Method, ModelVersion
 from worker.audit.runner import forget_probe
 from worker.config import PolicySettings
 from worker.progress import Progress
@@ -18,7 +18,7 @@ from worker.unlearning.amnesiac import amnesiac_rollback
 from worker.unlearning.relabel import RelabelConfig, relabel_unlearning
 from worker.unlearning.retrain import exact_retrain, naive_retrain
 
-METHODS = ("amnesiac", "amnesiac+repair", "relabel", "retrain-exact", "retrain-naive")
+METHODS = UNLEARNING_METHODS
 
 
 class MethodOptions(PolicySettings):
@@ -53,9 +53,9 @@ def unlearn(
 ) -> ModelVersion:
     """A candidate version: ``parent`` with ``forget_ids`` unlearned by ``method``."""
     options = options or MethodOptions()
-    if method in ("amnesiac", "amnesiac+repair"):
+    if method in (Method.amnesiac, Method.amnesiac_repair):
         repair = 0
-        if method == "amnesiac+repair":
+        if method == Method.amnesiac_repair:
             repair = options.repair_steps or max(10, root_run(session, parent).num_steps // 10)
         return amnesiac_rollback(
             session,
@@ -67,7 +67,7 @@ def unlearn(
             repair_lr_scale=options.repair_lr_scale,
             progress=progress,
         )
-    if method == "relabel":
+    if method == Method.relabel:
         probe = forget_probe(session, store, parent, forget_ids, device)
         return relabel_unlearning(
             session,
@@ -79,9 +79,9 @@ def unlearn(
             probe=probe,
             progress=progress,
         )
-    if method == "retrain-exact":
+    if method == Method.retrain_exact:
         return exact_retrain(session, store, parent, forget_ids, device, progress=progress)
-    if method == "retrain-naive":
+    if method == Method.retrain_naive:
         return naive_retrain(
             session, store, parent, forget_ids, device, steps=options.naive_steps, progress=progress
         )

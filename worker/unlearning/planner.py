@@ -36,12 +36,12 @@ from app.ledger.audits import finished_audits_of_method, measured_test_accuracy
 from app.ledger.impact import ClassCount, class_counts
 from app.ledger.provenance import StepRef
 from app.ledger.samples import sample_ids
-from app.ledger.tables import ModelVersion, SampleState, Split
+from app.ledger.tables import Method, ModelVersion, SampleState, Split
 from worker.config import PolicySettings
 from worker.unlearning.amnesiac import plan_rollback
 
-LADDER = ("amnesiac", "amnesiac+repair", "relabel", "retrain-exact")
-ROLLBACK_RUNGS = ("amnesiac", "amnesiac+repair")  # they subtract recorded deltas
+LADDER = (Method.amnesiac, Method.amnesiac_repair, Method.relabel, Method.retrain_exact)
+ROLLBACK_RUNGS = (Method.amnesiac, Method.amnesiac_repair)  # they subtract recorded deltas
 
 
 class PlannerPolicy(PolicySettings):
@@ -136,10 +136,10 @@ def plan(
         statistics.median(observed) if observed else policy.relabel_points_per_sample_share
     )
     predictions = {
-        "amnesiac": rollback_drop,
-        "amnesiac+repair": rollback_drop * policy.repair_remaining_share,
-        "relabel": relabel_rate * forget_share,
-        "retrain-exact": exact_retrain_drop(
+        Method.amnesiac: rollback_drop,
+        Method.amnesiac_repair: rollback_drop * policy.repair_remaining_share,
+        Method.relabel: relabel_rate * forget_share,
+        Method.retrain_exact: exact_retrain_drop(
             class_counts(session, rollback.dataset, forget_ids),
             measured_test_accuracy(session, parent),
             policy,
@@ -171,7 +171,7 @@ def observed_relabel_rates(session: Session, dataset: str, active: int) -> list[
     if not active:
         return []
     rates = []
-    for version, audit in finished_audits_of_method(session, "relabel"):
+    for version, audit in finished_audits_of_method(session, Method.relabel):
         drop = audit.metrics.get("utility", {}).get("test", {}).get("drop_points")
         forgotten = len(version.details.get("forget", []))
         if version.details.get("dataset") == dataset and drop is not None and forgotten:

@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
 
 from app.ledger.provenance import root_run
-from app.ledger.tables import ModelVersion, VersionState
+from app.ledger.tables import Method, ModelVersion, VersionState
 from worker.audit.probe import ForgetProbe
 from worker.data import SampleSet, load_samples
 from worker.progress import Progress
@@ -99,7 +99,7 @@ def relabel_unlearning(
     version = new_version(
         session,
         model_spec(parent),
-        method="relabel",
+        method=Method.relabel,
         state=VersionState.training,
         parent_id=parent.id,
         details={"dataset": dataset, "forget": list(forget_ids), "relabel": config.model_dump()},

@@ -8,7 +8,7 @@ import torch
 from sqlalchemy.orm import Session
 
 from app.ledger.provenance import root_run
-from app.ledger.tables import ModelVersion, VersionState
+from app.ledger.tables import Method, ModelVersion, VersionState
 from worker.nets import build_model
 from worker.progress import Progress
 from worker.store import ArtifactStore
@@ -44,7 +44,7 @@ def naive_retrain(
     version = new_version(
         session,
         model_spec(parent),
-        method="retrain-naive",
+        method=Method.retrain_naive,
         state=VersionState.training,
         parent_id=parent.id,
         details={"dataset": dataset, "forget": list(forget_ids)},
@@ -83,7 +83,7 @@ def exact_retrain(
     version = new_version(
         session,
         spec,
-        method="retrain-exact",
+        method=Method.retrain_exact,
         state=VersionState.training,
         parent_id=parent.id,
         details={"dataset": root.dataset, "forget": list(forget_ids)},
