@@ -24,10 +24,11 @@ from app.ledger.samples import sample_ids
 from app.ledger.tables import Split
 from worker.audit import AuditConfig, AuditResult, prepare_audits, run_audit, run_baseline_audit
 from worker.audit.gate import GatePolicy
+from worker.audit.runner import forget_probe
 from worker.data import ingest, open_source
 from worker.data.sources import noisy_label_ids
 from worker.store import ArtifactStore
-from worker.training import TrainConfig, train_first_version
+from worker.training import TrainConfig, load_model, train_first_version
 from worker.unlearning import RelabelConfig, relabel_unlearning, unlearn
 from worker.unlearning.retrain import exact_retrain
 
@@ -68,9 +69,13 @@ def audited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Audited]:
         train_ids = set(sample_ids(session, raw.name, Split.train))
         chooser = np.random.default_rng(0)
         forget = list(chooser.choice(sorted(train_ids & mislabelled), 10, replace=False))
-        # relabelling a mislabelled sample may give it back its true class: a clean one for this
-        clean = [str(chooser.choice(sorted(train_ids - mislabelled)))]
         prepared = prepare_audits(session, store, parent, CPU, CONFIG)
+        # Relabelling a mislabelled sample may give it back its true class: a clean one for
+        # this, the most member-like of twenty (relabel refuses one already at the never-seen
+        # level: there would be nothing to stop early)
+        twenty = [str(s) for s in chooser.choice(sorted(train_ids - mislabelled), 20, False)]
+        probe = forget_probe(session, store, parent, twenty, CPU)
+        clean = [twenty[int(np.argmax(probe.quantiles(load_model(store, parent, CPU))))]]
         baseline = run_baseline_audit(session, store, parent, CPU, POLICY, config=CONFIG)
         retrain = exact_retrain(session, store, parent, forget, CPU)
         relabelled = relabel_unlearning(
