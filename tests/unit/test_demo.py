@@ -126,7 +126,9 @@ def test_the_demo_trains_forgets_and_certifies_through_the_api(demo_run: DemoRun
     assert re.search(r"^  [a-z+-]+ \(rung \d of 4\): audit: membership attacks$", out, re.MULTILINE)
     # The summary, per job that served: the samples, the ladder with each candidate's decision,
     # accuracy before and after, time. Per request held: the reason and the operator's calls.
-    forgotten = [b for b in out.split("\n\n") if re.match(r"digits-[-\d, ]+: forgotten in", b)]
+    forgotten = [
+        b for b in out.split("\n\n") if re.match(r"digits-\d+(?:, digits-\d+)*: forgotten in", b)
+    ]
     held = re.findall(r"^(digits-\d+): held for an operator \(\w+\): .+$", out, re.MULTILINE)
     assert out.count("/approve") == out.count("/reject") == len(held)
     served: list[str] = []
