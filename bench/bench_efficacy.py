@@ -337,9 +337,10 @@ def summary(results: list[ConfigResult]) -> str:
                     f"| {seconds:.1f} |"
                 )
     lines.append("")
+    alpha = GatePolicy().two_version_alpha
     for result in results:
         rejected = sum(not r.passed for r in result.retrains)
-        two_version = sum(r.two_version_p < GatePolicy().two_version_alpha for r in result.retrains)
+        two_version = sum(r.two_version_p < alpha for r in result.retrains)
         loo = sum(abs(r.separation_loo) > DISTINGUISHABLE for r in result.retrains)
         promoted = [t for t in result.trials if t.served_by]
         cheaper = sum(t.served_by != "retrain-exact" for t in promoted)

@@ -7,14 +7,13 @@ from worker.unlearning.amnesiac import (
     subtract_steps,
 )
 from worker.unlearning.common import NothingToUnlearn
-from worker.unlearning.methods import METHODS, MethodOptions, unlearn
+from worker.unlearning.methods import MethodOptions, unlearn
 from worker.unlearning.planner import LADDER, Plan, PlannerPolicy, plan
 from worker.unlearning.relabel import RelabelConfig, relabel_unlearning
 from worker.unlearning.retrain import exact_retrain, naive_retrain
 
 __all__ = [
     "LADDER",
-    "METHODS",
     "MethodOptions",
     "NothingToUnlearn",
     "Plan",

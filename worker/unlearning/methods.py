@@ -18,8 +18,6 @@ from worker.unlearning.amnesiac import amnesiac_rollback
 from worker.unlearning.relabel import RelabelConfig, relabel_unlearning
 from worker.unlearning.retrain import exact_retrain, naive_retrain
 
-METHODS = UNLEARNING_METHODS
-
 
 class MethodOptions(PolicySettings):
     section = "methods"
@@ -85,4 +83,6 @@ def unlearn(
         return naive_retrain(
             session, store, parent, forget_ids, device, steps=options.naive_steps, progress=progress
         )
-    raise ValueError(f"unknown unlearning method {method!r}; one of {', '.join(METHODS)}")
+    raise ValueError(
+        f"unknown unlearning method {method!r}; one of {', '.join(UNLEARNING_METHODS)}"
+    )

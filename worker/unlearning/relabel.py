@@ -88,14 +88,18 @@ def relabel_unlearning(
         wrong_label_copies(forget, config.copies, config.seed)
     )
     model = load_model(store, parent, device)
-    if probe is not None and config.stop_quantile is not None:
-        median = float(np.median(probe.quantiles(model)))
-        if median <= config.stop_quantile:
-            raise NothingToUnlearn(
-                f"the forget set already scores at the never-seen level under the parent "
-                f"(median quantile {median:.2f} <= {config.stop_quantile}): relabel would stop "
-                "before its first step, and the parent's unchanged weights were trained on it"
-            )
+    stop_at = config.stop_quantile if probe is not None else None
+
+    def median_quantile() -> float:
+        assert probe is not None
+        return float(np.median(probe.quantiles(model)))
+
+    if stop_at is not None and (median := median_quantile()) <= stop_at:
+        raise NothingToUnlearn(
+            f"the forget set already scores at the never-seen level under the parent "
+            f"(median quantile {median:.2f} <= {stop_at}): relabel would stop before its first "
+            "step, and the parent's unchanged weights were trained on it"
+        )
     version = new_version(
         session,
         model_spec(parent),
@@ -107,11 +111,11 @@ def relabel_unlearning(
     stopped: list[float] = []
 
     def forgotten(step: int) -> bool:
-        if probe is None or config.stop_quantile is None or step % config.check_every:
+        if stop_at is None or step % config.check_every:
             return False
-        median = float(np.median(probe.quantiles(model)))
+        median = median_quantile()
         stopped[:] = [step, median]
-        return median <= config.stop_quantile
+        return median <= stop_at
 
     fine_tune_candidate(
         session,
